@@ -1,0 +1,85 @@
+"""The torch backend's Llama matches transformers' LlamaForCausalLM given the same weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama3_hyperpod.torch_backend.model import (
+    Llama,
+    LlamaArgs,
+    from_hf_state_dict,
+    num_params,
+    rope_inv_freq,
+    to_hf_state_dict,
+)
+
+HF_SMALL = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 300,
+    "max_position_embeddings": 128,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+LLAMA31_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA31_SCALING], ids=["plain", "llama3.1-scaling"])
+def test_logits_match_transformers(scaling: dict | None) -> None:
+    hf_cfg = dict(HF_SMALL, rope_scaling=scaling)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
+    ours = Llama(LlamaArgs.from_hf(hf_cfg)).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    tokens = torch.randint(0, hf_cfg["vocab_size"], (2, 100))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_round_trip_to_hf_keys() -> None:
+    ours = Llama(LlamaArgs.from_hf(HF_SMALL))
+    ours.init_weights(seed=3)
+    hf = LlamaForCausalLM(LlamaConfig(**HF_SMALL))
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing)
+    back = from_hf_state_dict(hf.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back[key], value), key
+    assert num_params(ours) == sum(p.numel() for p in hf.parameters())
+
+
+def test_rope_scaling_matches_transformers_and_keeps_high_frequencies() -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = LlamaConfig(**dict(HF_SMALL, rope_scaling=LLAMA31_SCALING))
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    got = rope_inv_freq(8, 500000.0, LLAMA31_SCALING)
+    torch.testing.assert_close(got, expected.float())
+    plain = rope_inv_freq(8, 500000.0, None)
+    assert got[0] == plain[0]  # shortest wavelength is untouched
+    assert math.isclose(float(got[-1]), float(plain[-1]) / 8.0, rel_tol=1e-6)  # longest slowed by factor
+
+
+def test_rope_parameters_spelling_of_transformers_5_is_accepted() -> None:
+    args = LlamaArgs.from_hf(
+        {k: v for k, v in HF_SMALL.items() if k != "rope_theta"}
+        | {"rope_parameters": dict(LLAMA31_SCALING, rope_theta=123.0)}
+    )
+    assert args.rope_theta == 123.0 and args.rope_scaling and args.rope_scaling["factor"] == 8.0
