@@ -1,0 +1,155 @@
+"""The command line: parse, call, and turn bad input into one line and exit code 2. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
+from llama3_hyperpod.config import ConfigError
+from llama3_hyperpod.plan import Plan, build_plan
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_BAD_INPUT = 2
+
+
+def fail(key: str, message: str) -> None:
+    click.echo(f"error: {key}: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def user_errors(func: F) -> F:
+    """Report ConfigError as one line + exit 2; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            fail(exc.key, exc.message)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def plan_options(func: F) -> F:
+    """CONFIG, overrides and the options every planned command shares."""
+    decorators = [
+        click.argument("config", type=click.Path(dir_okay=False, path_type=Path)),
+        click.argument("overrides", nargs=-1),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", envvar="L3HP_BACKEND",
+                     show_default=True,
+                     help="auto: /dev/neuron* -> neuron, an NVIDIA GPU -> torch-cuda, else torch-cpu."),
+        click.option("--run-name", default=None, help="Names the run folder (default: the config's `name`). "
+                     "The same name resumes the same run."),
+        click.option("--output-dir", default="runs", envvar="L3HP_OUTPUT_DIR", show_default=True,
+                     type=click.Path(file_okay=False), help="Where run folders (logs, checkpoints) are made."),
+        click.option("--nxdt-examples", default=None, envvar="NXDT_EXAMPLES_DIR",
+                     help="NxDT's examples/ folder (holds training_orchestrator.py) for the neuron backend."),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def make_plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
+              nxdt_examples: str | None, require_data: bool = False) -> Plan:
+    if not config.is_file():
+        raise ConfigError(str(config), "config file not found")
+    return build_plan(config, overrides, detect_accelerator(backend), run_name=run_name, output_dir=output_dir,
+                      nxdt_examples=nxdt_examples, require_data=require_data)
+
+
+def check_memory(plan: Plan) -> None:
+    mem = plan.memory
+    if mem.fits is False:
+        assert mem.device_memory is not None
+        raise ConfigError("memory", f"the estimate of {mem.total / 2**30:.1f} GiB per device exceeds the "
+                          f"{mem.device_memory / 2**30:.1f} GiB available on {plan.device}: raise tensor parallel, "
+                          "enable ZeRO-1 or recompute, or lower the micro batch or sequence length")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="llama3-hyperpod")
+def main() -> None:
+    """Train Llama 3 on AWS Trainium (NxDT) with SageMaker HyperPod, or anywhere with the PyTorch backend.
+
+    CONFIG is an NxDT-format YAML (see configs/); overrides are key.path=value pairs, as for hydra.
+    Every command checks the whole config first and stops with one line naming the key when something is wrong.
+    """
+
+
+@main.command()
+@plan_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of tables.")
+@user_errors
+def plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
+         nxdt_examples: str | None, as_json: bool) -> None:
+    """Show what `compile` and `train` would run on this node: layout, memory per device, FLOPs, commands, env.
+
+    Exits 2 when the memory estimate does not fit the device.
+    """
+    result = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        from llama3_hyperpod.report import render_plan
+
+        render_plan(result, Console())
+    check_memory(result)
+
+
+def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
+             output_dir: str, nxdt_examples: str | None, dry_run: bool) -> None:
+    result = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples, require_data=True)
+    check_memory(result)
+    launch = result.commands[mode]
+    if dry_run:
+        click.echo(launch.shell())
+        return
+    if result.backend == "torch":
+        from llama3_hyperpod.data.default import ensure_default_dataset
+        from llama3_hyperpod.data.validate import check_dataset_matches
+
+        assert result.train_dir is not None
+        if result.uses_default_dataset:
+            ensure_default_dataset(Path(result.train_dir), seq_len=result.model["seq_len"],
+                                   vocab_size=result.model["vocab_size"])
+        check_dataset_matches(Path(result.train_dir), seq_len=result.model["seq_len"],
+                              vocab_size=result.model["vocab_size"])
+    run_dir = Path(result.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"plan-{mode}-node{result.cluster['node_rank']}.json").write_text(json.dumps(result.to_dict(), indent=2))
+    from llama3_hyperpod.launch import run
+
+    sys.exit(run(launch, result.rlimits))
+
+
+@main.command(name="compile")
+@plan_options
+@click.option("--dry-run", is_flag=True, help="Print the command line and env, run nothing.")
+@user_errors
+def compile_(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
+             nxdt_examples: str | None, dry_run: bool) -> None:
+    """Fill the compiled-graph cache: neuron_parallel_compile + NxDT on Trainium, a few torch.compile steps elsewhere.
+
+    Use the same node count as the training run: a different data-parallel degree makes different graphs.
+    """
+    _execute("compile", config, overrides, backend, run_name, output_dir, nxdt_examples, dry_run)
+
+
+@main.command()
+@plan_options
+@click.option("--dry-run", is_flag=True, help="Print the command line and env, run nothing.")
+@user_errors
+def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
+          nxdt_examples: str | None, dry_run: bool) -> None:
+    """Train: one torchrun per node running NxDT (neuron) or the project's trainer (torch); exit code passed through."""
+    _execute("train", config, overrides, backend, run_name, output_dir, nxdt_examples, dry_run)

@@ -1,0 +1,350 @@
+"""The plan: a pure function from (config, environment, accelerator) to plain data.
+
+`entrypoint.py plan` prints it; `compile` and `train` execute its commands. Because it is data, the Neuron launch is
+tested without Trainium: tests compare the commands and env with shared/reference/neuron-nxdt.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from llama3_hyperpod.cluster import Accelerator, Cluster, cluster_from_env
+from llama3_hyperpod.config import PATH_KEYS, ConfigError, RunConfig, load_config
+from llama3_hyperpod.memory import NEURON_PEAK_BF16_FLOPS, MemoryEstimate, estimate_memory, flops_per_token
+
+DEFAULT_NXDT_EXAMPLES = "/opt/neuronx-distributed-training/examples"
+TORCH_TRAIN_MODULE = "llama3_hyperpod.torch_backend.train"
+NOFILE_LIMIT = 65535  # NxDT's launch scripts run `ulimit -n 65535`
+MEMORY_WARN_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One process to start on this node: argv, the env we add (only names the user left unset), and what we kept."""
+
+    argv: list[str]
+    env: dict[str, str]
+    env_kept: dict[str, str]  # names we would set but the user already had: their values stay
+    cwd: str
+
+    def shell(self) -> str:
+        """The launch as one shell line (for dry runs and docs)."""
+        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"{assignments} {shlex.join(self.argv)}".strip()
+
+
+@dataclass(frozen=True)
+class LayoutReport:
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    zero1: bool
+    sequence_parallel: bool
+    kv_replicator: int
+    world_size: int
+    num_nodes: int
+    ranks_per_node: int
+    heads_per_device: int
+    kv_heads_per_device: int
+    layers_per_stage: int
+    grad_accum_steps: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    config_path: str
+    overrides: list[str]
+    run_name: str
+    run_dir: str
+    backend: str
+    device: str
+    accelerator_detected: bool
+    cluster: dict[str, Any]
+    model: dict[str, Any]
+    layout: LayoutReport
+    memory: MemoryEstimate
+    tokens_per_step: int
+    flops_per_token: int
+    flops_per_step: int
+    peak_flops_per_device: float | None
+    train_dir: str | None
+    uses_default_dataset: bool
+    compile_cache_dir: str
+    commands: dict[str, Launch]
+    rlimits: dict[str, int]
+    effective_neuron_cc_flags: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_plan(
+    config_path: str | Path,
+    overrides: Sequence[str],
+    accelerator: Accelerator,
+    env: Mapping[str, str] | None = None,
+    *,
+    run_name: str | None = None,
+    output_dir: str | Path = "runs",
+    nxdt_examples: str | None = None,
+    python: str = sys.executable,
+    require_data: bool = False,
+) -> Plan:
+    """Validate the config for this node and derive everything that will run. Raises ConfigError on bad input."""
+    env = dict(os.environ if env is None else env)
+    cluster = cluster_from_env(env)
+    rc = load_config(config_path, overrides, num_nodes=cluster.num_nodes if cluster.source == "slurm" else None)
+    _check_backend_rules(rc, accelerator)
+    warnings: list[str] = []
+    if cluster.source != "slurm":  # outside Slurm the config says how many nodes; NODE_RANK/MASTER_ADDR say which
+        node_rank = int(env.get("NODE_RANK", "0") or 0)
+        if not 0 <= node_rank < rc.layout.num_nodes:
+            raise ConfigError("NODE_RANK", f"{node_rank} is outside 0..{rc.layout.num_nodes - 1}")
+        cluster = replace(cluster, num_nodes=rc.layout.num_nodes, node_rank=node_rank)
+        if rc.layout.num_nodes > 1 and "MASTER_ADDR" not in env:
+            warnings.append(f"{rc.layout.num_nodes} nodes outside Slurm: set MASTER_ADDR and NODE_RANK on each node")
+
+    name = run_name or str(rc.cfg.name)
+    explicit = rc.cfg.exp_manager.explicit_log_dir
+    run_dir = str(Path(explicit) if explicit else (Path(output_dir) / name).resolve())
+    train_dir = rc.cfg.data.train_dir
+    uses_default = train_dir is None and accelerator.backend == "torch"
+    if uses_default:
+        train_dir = str((Path(output_dir) / "_data" / f"default_seq{rc.seq_len}_vocab{rc.model.vocab_size}").resolve())
+    if require_data and train_dir is None:
+        raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
+    if require_data and not uses_default and train_dir and not train_dir.startswith("s3://") \
+            and not Path(train_dir).is_dir():
+        raise ConfigError("data.train_dir", f"{train_dir} is not a directory")
+
+    cache_dir = str(rc.cfg.compiler_cache_url)
+    mem = estimate_memory(rc, accelerator.backend, accelerator.device, _device_budget(rc, accelerator))
+    if mem.device_memory and mem.total > MEMORY_WARN_FRACTION * mem.device_memory:
+        warnings.append(
+            f"memory estimate {mem.total / 2**30:.1f} GiB is above {MEMORY_WARN_FRACTION:.0%} of the "
+            f"{mem.device_memory / 2**30:.1f} GiB per device: little headroom for compiler/runtime buffers"
+        )
+    if not accelerator.detected:
+        warnings.append(f"planning for {accelerator.device} devices that this machine does not have")
+    if train_dir is None:
+        warnings.append("data.train_dir is not set: `train` will refuse to start")
+    elif not uses_default and not train_dir.startswith("s3://") and not Path(train_dir).is_dir():
+        warnings.append(f"data.train_dir {train_dir} does not exist on this machine")
+
+    overrides_out = _launch_overrides(rc, cluster, run_dir if not explicit else None, train_dir)
+    if accelerator.backend == "neuron":
+        commands, cc_flags = _neuron_commands(rc, cluster, env, overrides_out, nxdt_examples, warnings)
+        peak: float | None = NEURON_PEAK_BF16_FLOPS
+    else:
+        commands = _torch_commands(rc, cluster, accelerator, env, overrides_out, run_dir, python)
+        cc_flags = None
+        peak = rc.cfg.torch_backend.peak_tflops * 1e12 if rc.cfg.torch_backend.peak_tflops else None
+
+    m, lay = rc.model, rc.layout
+    fpt = flops_per_token(rc)
+    return Plan(
+        config_path=str(rc.path),
+        overrides=list(rc.overrides),
+        run_name=name,
+        run_dir=run_dir,
+        backend=accelerator.backend,
+        device=accelerator.device,
+        accelerator_detected=accelerator.detected,
+        cluster=asdict(cluster),
+        model={
+            "parameters": m.parameter_count(),
+            "hidden_size": m.hidden_size,
+            "intermediate_size": m.intermediate_size,
+            "num_layers": m.num_layers,
+            "num_attention_heads": m.num_attention_heads,
+            "num_key_value_heads": m.num_key_value_heads,
+            "head_dim": m.head_dim,
+            "vocab_size": m.vocab_size,
+            "seq_len": rc.seq_len,
+        },
+        layout=LayoutReport(
+            tp=lay.tp,
+            pp=lay.pp,
+            cp=lay.cp,
+            dp=lay.dp,
+            zero1=lay.zero1,
+            sequence_parallel=lay.sequence_parallel,
+            kv_replicator=lay.kv_replicator,
+            world_size=lay.world_size,
+            num_nodes=lay.num_nodes,
+            ranks_per_node=lay.devices_per_node,
+            heads_per_device=m.num_attention_heads // lay.tp,
+            kv_heads_per_device=max(1, m.num_key_value_heads * lay.kv_replicator // lay.tp),
+            layers_per_stage=m.num_layers // lay.pp,
+            grad_accum_steps=rc.grad_accum_steps,
+        ),
+        memory=mem,
+        tokens_per_step=rc.tokens_per_step,
+        flops_per_token=fpt,
+        flops_per_step=fpt * rc.tokens_per_step,
+        peak_flops_per_device=peak,
+        train_dir=train_dir,
+        uses_default_dataset=uses_default,
+        compile_cache_dir=cache_dir,
+        commands=commands,
+        rlimits={"nofile": NOFILE_LIMIT} if accelerator.backend == "neuron" else {},
+        effective_neuron_cc_flags=cc_flags,
+        warnings=warnings,
+    )
+
+
+def _check_backend_rules(rc: RunConfig, acc: Accelerator) -> None:
+    lay = rc.layout
+    if acc.backend == "torch" and lay.pp > 1:
+        raise ConfigError("distributed_strategy.pipeline_model_parallel_size",
+                          f"is {lay.pp}, but the torch backend has no pipeline parallelism: use 1")
+    if acc.backend == "torch" and lay.cp > 1:
+        raise ConfigError("distributed_strategy.context_parallel_size",
+                          f"is {lay.cp}, but the torch backend has no context parallelism: use 1")
+    if acc.count is not None and acc.detected and lay.devices_per_node > acc.count and acc.device != "cpu":
+        raise ConfigError("trainer.devices",
+                          f"is {lay.devices_per_node}, but this node has {acc.count} {acc.device} devices")
+    if acc.backend == "neuron" and lay.devices_per_node > 32:
+        raise ConfigError("trainer.devices", f"is {lay.devices_per_node}; a trn1.32xlarge has 32 NeuronCores")
+
+
+def _device_budget(rc: RunConfig, acc: Accelerator) -> int | None:
+    """Memory one rank may use: a NeuronCore's or GPU's own; on CPU the node's RAM shared by its ranks."""
+    if acc.memory_per_device is None:
+        return None
+    if acc.device == "cpu":
+        return acc.memory_per_device // rc.layout.devices_per_node
+    return acc.memory_per_device
+
+
+def _launch_overrides(rc: RunConfig, cluster: Cluster, derived_log_dir: str | None, train_dir: str | None) -> list[str]:
+    """Hydra-style overrides passed to the trainer: the user's, then absolute paths and the node count."""
+    out = [o for o in rc.overrides if o.split("=", 1)[0] not in PATH_KEYS]
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        value = rc.cfg[section][leaf]
+        if key == "data.train_dir":
+            value = train_dir
+        if value is not None:
+            out.append(f"{key}={value}")
+    out.append(f"trainer.devices={rc.layout.devices_per_node}")
+    out.append(f"trainer.num_nodes={cluster.num_nodes}")
+    if derived_log_dir:
+        out.append(f"exp_manager.explicit_log_dir={derived_log_dir}")
+    return out
+
+
+def _torchrun_args(rc: RunConfig, cluster: Cluster) -> list[str]:
+    return [
+        "--nproc_per_node", str(rc.layout.devices_per_node),
+        "--nnodes", str(cluster.num_nodes),
+        "--node_rank", str(cluster.node_rank),
+        "--master_addr", cluster.master_addr,
+        "--master_port", str(cluster.master_port),
+    ]
+
+
+def _set_if_unset(wanted: dict[str, str], env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    added = {k: v for k, v in wanted.items() if k not in env}
+    kept = {k: env[k] for k in wanted if k in env}
+    return added, kept
+
+
+def neuron_env(rc: RunConfig) -> dict[str, str]:
+    """The env NxDT's launch scripts and orchestrator establish (shared/reference/neuron-nxdt.md)."""
+    cfg = rc.cfg
+    wanted = {
+        "FI_PROVIDER": "efa",
+        "FI_EFA_USE_DEVICE_RDMA": "1",
+        "FI_EFA_FORK_SAFE": "1",
+        "XLA_DISABLE_FUNCTIONALIZATION": "0",
+        "HYDRA_FULL_ERROR": "1",
+        "MALLOC_ARENA_MAX": "64",
+        "NEURON_COMPILE_CACHE_URL": str(cfg.compiler_cache_url),
+        "NEURON_FUSE_SOFTMAX": "1" if cfg.model.fusions.softmax else "0",
+        "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": str(cfg.aync_exec_max_inflight_requests),
+        "BUCKET_CAP_MB": str(cfg.bucket_size_collectives),
+        "NEURON_RT_EXEC_TIMEOUT": str(cfg.neuron_rt_exec_timeout),
+    }
+    precision = cfg.precision
+    by_type = {
+        "mixed_precision": ("0", "1", "0"),
+        "mixed_precision_SR": ("0", "1", "1"),
+        "bf16SR": ("1", "0", "1"),
+        "autocast": ("0", "0", "0"),
+        "fp32": ("0", "0", "0"),
+        "manual": (precision.xla_use_bf16, precision.xla_downcast_bf16, precision.neuron_rt_stochastic_rounding_en),
+    }
+    use_bf16, downcast, rounding = by_type[str(precision.type)]
+    wanted |= {"XLA_USE_BF16": use_bf16, "XLA_DOWNCAST_BF16": downcast, "NEURON_RT_STOCHASTIC_ROUNDING_EN": rounding}
+    return wanted
+
+
+def _neuron_commands(
+    rc: RunConfig,
+    cluster: Cluster,
+    env: Mapping[str, str],
+    overrides: list[str],
+    nxdt_examples: str | None,
+    warnings: list[str],
+) -> tuple[dict[str, Launch], str]:
+    examples = nxdt_examples or env.get("NXDT_EXAMPLES_DIR") or DEFAULT_NXDT_EXAMPLES
+    train_argv = [
+        "torchrun", *_torchrun_args(rc, cluster),
+        f"{examples}/training_orchestrator.py",
+        f"--config-path={rc.path.parent}",
+        f"--config-name={rc.path.stem}",
+        *overrides,
+    ]
+    added, kept = _set_if_unset(neuron_env(rc), env)
+    # The orchestrator appends compiler_flags (and the mixed-precision accumulation flag) to NEURON_CC_FLAGS itself;
+    # we show the result rather than set it, so the flags are not doubled.
+    cc_flags = " ".join(filter(None, [env.get("NEURON_CC_FLAGS", ""), str(rc.cfg.compiler_flags)]))
+    if str(rc.cfg.precision.type).startswith("mixed_precision"):
+        cc_flags += " --enable-mixed-precision-accumulation"
+    if "--cache_dir" in env.get("NEURON_CC_FLAGS", ""):
+        warnings.append("NEURON_CC_FLAGS sets --cache_dir, which wins over compiler_cache_url: "
+                        "the baked compile cache will not be used unless they agree")
+    if "NEURON_COMPILE_CACHE_URL" in kept and kept["NEURON_COMPILE_CACHE_URL"] != str(rc.cfg.compiler_cache_url):
+        warnings.append(f"NEURON_COMPILE_CACHE_URL={kept['NEURON_COMPILE_CACHE_URL']} (yours) differs from "
+                        f"compiler_cache_url={rc.cfg.compiler_cache_url}: graphs will be cached in yours")
+    cwd = examples
+    return {
+        "compile": Launch(["neuron_parallel_compile", *train_argv], added, kept, cwd),
+        "train": Launch(train_argv, added, kept, cwd),
+    }, cc_flags.strip()
+
+
+def _torch_commands(
+    rc: RunConfig,
+    cluster: Cluster,
+    acc: Accelerator,
+    env: Mapping[str, str],
+    overrides: list[str],
+    run_dir: str,
+    python: str,
+) -> dict[str, Launch]:
+    cpus = os.cpu_count() or 1
+    wanted = {"OMP_NUM_THREADS": str(max(1, cpus // rc.layout.devices_per_node))}
+    if not str(rc.cfg.compiler_cache_url).startswith("s3://"):
+        wanted["TORCHINDUCTOR_CACHE_DIR"] = str(Path(rc.cfg.compiler_cache_url) / "inductor")
+    added, kept = _set_if_unset(wanted, env)
+
+    def argv(mode: str) -> list[str]:
+        return [
+            python, "-m", "torch.distributed.run", *_torchrun_args(rc, cluster),
+            "-m", TORCH_TRAIN_MODULE,
+            "--config", str(rc.path), "--run-dir", run_dir, "--mode", mode, "--device", acc.device,
+            *overrides,
+        ]
+
+    cwd = str(Path.cwd())
+    return {"compile": Launch(argv("compile"), added, kept, cwd), "train": Launch(argv("train"), added, kept, cwd)}

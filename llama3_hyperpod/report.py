@@ -1,0 +1,65 @@
+"""Render a plan for people (rich tables); `--json` prints the same data for programs."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from llama3_hyperpod.plan import Plan
+
+
+def gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def render_plan(plan: Plan, console: Console) -> None:
+    lay, mem, model, cl = plan.layout, plan.memory, plan.model, plan.cluster
+    console.print(f"[bold]Plan[/bold] {plan.run_name}  ({plan.config_path})")
+    console.print(f"backend [bold]{plan.backend}[/bold] on {plan.device}"
+                  f"{'' if plan.accelerator_detected else ' (not on this machine)'}; run dir {plan.run_dir}")
+    console.print(f"cluster: {cl['num_nodes']} node(s), this is node {cl['node_rank']}, master "
+                  f"{cl['master_addr']}:{cl['master_port']} (from {cl['source']})")
+
+    t = Table(title="Model and layout", show_header=False)
+    t.add_row("parameters", f"{model['parameters'] / 1e9:.3f} B ({model['num_layers']} layers, hidden "
+              f"{model['hidden_size']}, {model['num_attention_heads']} heads, {model['num_key_value_heads']} KV heads)")
+    t.add_row("parallelism", f"TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp} = {lay.world_size} ranks "
+              f"({lay.ranks_per_node} per node); ZeRO-1 {'on' if lay.zero1 else 'off'}, sequence parallel "
+              f"{'on' if lay.sequence_parallel else 'off'}, kv_replicator {lay.kv_replicator}")
+    t.add_row("per device", f"{lay.heads_per_device} attention heads, {lay.kv_heads_per_device} KV heads, "
+              f"{lay.layers_per_stage} layers")
+    t.add_row("batch", f"seq {model['seq_len']}, {plan.tokens_per_step:,} tokens per step, "
+              f"{lay.grad_accum_steps} accumulation step(s)")
+    t.add_row("compute", f"{plan.flops_per_token / 1e9:.1f} GFLOP per token, {plan.flops_per_step / 1e15:.1f} "
+              "PFLOP per step" + (f"; peak {plan.peak_flops_per_device / 1e12:.0f} TFLOP/s per device"
+                                  if plan.peak_flops_per_device else ""))
+    default_note = " (embedded default, built on first use)" if plan.uses_default_dataset else ""
+    t.add_row("data", f"{plan.train_dir}{default_note}")
+    t.add_row("compile cache", plan.compile_cache_dir)
+    console.print(t)
+
+    m = Table(title=f"Memory per device ({mem.precision}, recompute {mem.recompute})")
+    m.add_column("part")
+    m.add_column("estimate", justify="right")
+    m.add_row("parameters held", f"{mem.params_per_device / 1e9:.3f} B")
+    m.add_row("weights", gib(mem.weights))
+    m.add_row("gradients", gib(mem.gradients))
+    m.add_row(f"optimizer states{' (ZeRO-1)' if lay.zero1 else ''}", gib(mem.optimizer))
+    m.add_row("activations", gib(mem.activations))
+    m.add_row("logits (fp32, loss)", gib(mem.logits))
+    verdict = "" if mem.fits is None else (" [green]fits[/green]" if mem.fits else " [red]does NOT fit[/red]")
+    m.add_row("[bold]total[/bold]", f"[bold]{gib(mem.total)}[/bold] of {gib(mem.device_memory)}{verdict}")
+    m.add_row("total without ZeRO-1", gib(mem.total_without_zero1))
+    console.print(m)
+
+    for mode, launch in plan.commands.items():
+        console.print(f"[bold]{mode}[/bold] (cwd {launch.cwd}):")
+        console.print("  " + " ".join(launch.argv), soft_wrap=True, markup=False, highlight=False)
+        for k, v in sorted(launch.env.items()):
+            console.print(f"  env {k}={v}", markup=False, highlight=False)
+        for k, v in sorted(launch.env_kept.items()):
+            console.print(f"  env {k}={v} (yours, kept)", markup=False, highlight=False)
+    if plan.effective_neuron_cc_flags is not None:
+        console.print(f"NEURON_CC_FLAGS as NxDT will set it: {plan.effective_neuron_cc_flags}", markup=False)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
