@@ -79,6 +79,7 @@ class Plan:
     compile_cache_dir: str
     commands: dict[str, Launch]
     rlimits: dict[str, int]
+    process_group_backend: str | None  # torch.distributed backend of the torch trainer: gloo on CPU, nccl on CUDA
     effective_neuron_cc_flags: str | None
     warnings: list[str] = field(default_factory=list)
 
@@ -132,6 +133,9 @@ def build_plan(
             f"memory estimate {mem.total / 2**30:.1f} GiB is above {MEMORY_WARN_FRACTION:.0%} of the "
             f"{mem.device_memory / 2**30:.1f} GiB per device: little headroom for compiler/runtime buffers"
         )
+    sched = rc.cfg.model.optim.sched
+    if sched.warmup_steps > min(sched.max_steps, rc.cfg.trainer.max_steps):
+        warnings.append(f"the LR warmup ({sched.warmup_steps} steps) does not end before the run does")
     if not accelerator.detected:
         warnings.append(f"planning for {accelerator.device} devices that this machine does not have")
     if train_dir is None:
@@ -196,6 +200,7 @@ def build_plan(
         compile_cache_dir=cache_dir,
         commands=commands,
         rlimits={"nofile": NOFILE_LIMIT} if accelerator.backend == "neuron" else {},
+        process_group_backend={"cpu": "gloo", "cuda": "nccl"}.get(accelerator.device),
         effective_neuron_cc_flags=cc_flags,
         warnings=warnings,
     )
