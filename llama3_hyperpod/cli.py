@@ -106,6 +106,20 @@ def plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str |
     check_memory(result)
 
 
+def prepare_torch_data(result: Plan) -> None:
+    """Build the embedded default dataset when no data is configured; refuse data made for another model."""
+    from llama3_hyperpod.data.check import check_dataset_matches
+    from llama3_hyperpod.data.default import ensure_default_dataset
+
+    assert result.train_dir is not None
+    seq_len, vocab = result.model["seq_len"], result.model["vocab_size"]
+    if result.uses_default_dataset:
+        built = ensure_default_dataset(Path(result.train_dir).parent, seq_len=seq_len, vocab_size=vocab)
+        assert str(built.resolve()) == result.train_dir, (built, result.train_dir)
+    tokenizer = Path(result.tokenizer) if result.tokenizer else None
+    check_dataset_matches(Path(result.train_dir), seq_len=seq_len, vocab_size=vocab, tokenizer_path=tokenizer)
+
+
 def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
              output_dir: str, nxdt_examples: str | None, dry_run: bool) -> None:
     result = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples, require_data=True)
@@ -114,16 +128,8 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
     if dry_run:
         click.echo(launch.shell())
         return
-    if result.backend == "torch":
-        from llama3_hyperpod.data.default import ensure_default_dataset
-        from llama3_hyperpod.data.validate import check_dataset_matches
-
-        assert result.train_dir is not None
-        if result.uses_default_dataset:
-            ensure_default_dataset(Path(result.train_dir), seq_len=result.model["seq_len"],
-                                   vocab_size=result.model["vocab_size"])
-        check_dataset_matches(Path(result.train_dir), seq_len=result.model["seq_len"],
-                              vocab_size=result.model["vocab_size"])
+    if result.backend == "torch":  # NxDT reads its data itself; for our trainer we check (and make) it first
+        prepare_torch_data(result)
     run_dir = Path(result.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"plan-{mode}-node{result.cluster['node_rank']}.json").write_text(json.dumps(result.to_dict(), indent=2))

@@ -16,6 +16,7 @@ from typing import Any
 
 from llama3_hyperpod.cluster import Accelerator, Cluster, cluster_from_env
 from llama3_hyperpod.config import PATH_KEYS, ConfigError, RunConfig, load_config
+from llama3_hyperpod.data.default import default_name
 from llama3_hyperpod.memory import NEURON_PEAK_BF16_FLOPS, MemoryEstimate, estimate_memory, flops_per_token
 
 DEFAULT_NXDT_EXAMPLES = "/opt/neuronx-distributed-training/examples"
@@ -75,6 +76,7 @@ class Plan:
     flops_per_step: int
     peak_flops_per_device: float | None
     train_dir: str | None
+    tokenizer: str | None
     uses_default_dataset: bool
     compile_cache_dir: str
     commands: dict[str, Launch]
@@ -119,7 +121,7 @@ def build_plan(
     train_dir = rc.cfg.data.train_dir
     uses_default = train_dir is None and accelerator.backend == "torch"
     if uses_default:
-        train_dir = str((Path(output_dir) / "_data" / f"default_seq{rc.seq_len}_vocab{rc.model.vocab_size}").resolve())
+        train_dir = str((default_data_root(output_dir) / default_name(rc.seq_len, rc.model.vocab_size)).resolve())
     if require_data and train_dir is None:
         raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
     if require_data and not uses_default and train_dir and not train_dir.startswith("s3://") \
@@ -196,6 +198,7 @@ def build_plan(
         flops_per_step=fpt * rc.tokens_per_step,
         peak_flops_per_device=peak,
         train_dir=train_dir,
+        tokenizer=rc.cfg.data.tokenizer,
         uses_default_dataset=uses_default,
         compile_cache_dir=cache_dir,
         commands=commands,
@@ -204,6 +207,11 @@ def build_plan(
         effective_neuron_cc_flags=cc_flags,
         warnings=warnings,
     )
+
+
+def default_data_root(output_dir: str | Path) -> Path:
+    """Where the embedded default dataset is built: beside the runs, on the same (mounted, writable) storage."""
+    return Path(output_dir).resolve() / "_data"
 
 
 def _check_backend_rules(rc: RunConfig, acc: Accelerator) -> None:

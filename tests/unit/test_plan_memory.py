@@ -8,6 +8,7 @@ import pytest
 
 from llama3_hyperpod.cluster import detect_accelerator
 from llama3_hyperpod.config import ConfigError, load_config
+from llama3_hyperpod.data.default import default_name
 from llama3_hyperpod.memory import estimate_memory, flops_per_token, params_per_device
 from llama3_hyperpod.plan import build_plan
 from tests.conftest import CONFIG_8B, CONFIG_TINY, run_cli
@@ -76,8 +77,8 @@ def test_torch_cpu_launch() -> None:
     assert plan.commands["compile"].argv[plan.commands["compile"].argv.index("--mode") + 1] == "compile"
     assert (plan.layout.tp, plan.layout.dp) == (2, 2)
     assert plan.process_group_backend == "gloo"
-    assert plan.uses_default_dataset and plan.train_dir == "/tmp/out/_data/default_seq256_vocab8192"
-    assert "data.train_dir=/tmp/out/_data/default_seq256_vocab8192" in argv
+    assert plan.uses_default_dataset and plan.train_dir == f"/tmp/out/_data/{default_name(256, 8192)}"
+    assert f"data.train_dir=/tmp/out/_data/{default_name(256, 8192)}" in argv
     assert plan.commands["train"].env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/llama3-hyperpod-cache/inductor"
     assert plan.rlimits == {}
 
