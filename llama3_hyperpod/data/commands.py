@@ -125,13 +125,15 @@ def train_tokenizer_cmd(
             raise DataError(str(output), "already exists (use --force to replace it)")
         corpus = corpus_from_inputs(inputs, text_field=text_field, txt_split=txt_split)
         corpus.inspect()
-        train_bpe(
+        written = train_bpe(
             (p.text for p in corpus.pieces() if p.text),
             vocab_size=vocab_size,
             output=output,
             show_progress=sys.stderr.isatty(),
         )
-    click.echo(f"wrote {output}")
+    from tokenizers import Tokenizer
+
+    click.echo(f"wrote {written} (vocab size {Tokenizer.from_file(str(written)).get_vocab_size()})")
 
 
 @data.command("default")
@@ -185,6 +187,7 @@ def _progress_bar(quiet: bool) -> Iterator[Any]:
             rate = task.fields.get("tokens", 0) / elapsed if elapsed > 0 else 0.0
             return Text(f"{rate / 1e3:,.0f}k tok/s", style="progress.data.speed")
 
+    console = Console(stderr=True)
     bar = Progress(
         TextColumn("[bold]tokenizing"),
         BarColumn(),
@@ -194,7 +197,9 @@ def _progress_bar(quiet: bool) -> Iterator[Any]:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
+        transient=True,  # the summary line replaces it; nothing is left between the bar and an error line
+        disable=not console.is_terminal,
     )
     task = bar.add_task("prepare", total=None, tokens=0, start=False)
 
