@@ -1,0 +1,105 @@
+"""Training batches from the Arrow dataset NxDT reads (`datasets.save_to_disk`: input_ids, labels per row).
+
+Each optimizer step consumes the next `global_batch_size` rows in order (no shuffle, wrapping around at the end);
+within a step, micro-batch m of dp rank r is the contiguous slice [m*mbs*dp + r*mbs, +mbs) of those rows, as in
+Megatron/NxDT's pretraining sampler. Any (dp, accumulation) split of one global batch therefore sees the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llama3_hyperpod.config import ConfigError
+
+IGNORE_INDEX = -100
+
+
+def load_train_dataset(train_dir: str | None, seq_len: int) -> Any:
+    """datasets.Dataset with numpy format; ConfigError (data.train_dir) when it is missing or malformed."""
+    if not train_dir:
+        raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
+    if not Path(train_dir).is_dir():
+        raise ConfigError("data.train_dir", f"{train_dir} is not a directory")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(train_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError("data.train_dir", f"{train_dir} is not a save_to_disk dataset: {exc}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ConfigError("data.train_dir", f"{train_dir} holds splits {list(ds)} but no 'train'")
+        ds = ds["train"]
+    if "input_ids" not in ds.column_names:
+        raise ConfigError("data.train_dir", f"{train_dir} has columns {ds.column_names}, needs input_ids (+ labels)")
+    if len(ds) == 0:
+        raise ConfigError("data.train_dir", f"{train_dir} has no rows")
+    row_len = len(ds[0]["input_ids"])
+    if row_len < seq_len:
+        raise ConfigError(
+            "model.encoder_seq_length", f"is {seq_len} but the rows of {train_dir} hold only {row_len} tokens"
+        )
+    return ds.with_format("numpy")
+
+
+@dataclass
+class Batches:
+    """Deterministic micro-batches for one dp rank; step/micro indexing makes resuming trivial."""
+
+    dataset: Any
+    seq_len: int
+    micro_batch_size: int
+    dp: int
+    dp_rank: int
+    grad_accum_steps: int
+    device: str = "cpu"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.dp * self.grad_accum_steps
+
+    def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, targets) of shape (mbs, seq); targets are labels shifted left, the last position ignored."""
+        start = step * self.global_batch_size + (micro * self.dp + self.dp_rank) * self.micro_batch_size
+        rows = [(start + i) % len(self.dataset) for i in range(self.micro_batch_size)]
+        batch = self.dataset[rows]
+        tokens = np.asarray(batch["input_ids"], dtype=np.int64)[:, : self.seq_len]
+        labels = np.asarray(batch["labels"] if "labels" in batch else batch["input_ids"], dtype=np.int64)
+        targets = np.full_like(tokens, IGNORE_INDEX)
+        targets[:, :-1] = labels[:, 1 : self.seq_len]
+        return torch.from_numpy(tokens).to(self.device), torch.from_numpy(targets).to(self.device)
+
+
+def write_token_dataset(out_dir: Path, tokens: np.ndarray, seq_len: int) -> int:
+    """Chunk a token stream into rows of seq_len (labels = input_ids) and save_to_disk; returns the row count."""
+    import datasets
+
+    rows = len(tokens) // seq_len
+    chunks = tokens[: rows * seq_len].reshape(rows, seq_len).astype(np.int32)
+    ds = datasets.Dataset.from_dict({"input_ids": chunks.tolist(), "labels": chunks.tolist()})
+    ds.save_to_disk(str(out_dir))
+    return rows
+
+
+def stdlib_text(max_bytes: int) -> bytes:
+    """Real English-and-code text available everywhere: the Python standard library's own sources."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = bytearray()
+    for path in sorted(root.glob("*.py")):
+        out += path.read_bytes()
+        if len(out) >= max_bytes:
+            break
+    return bytes(out[:max_bytes])
+
+
+def write_byte_text_dataset(out_dir: Path, seq_len: int, max_bytes: int = 2_000_000) -> int:
+    """A byte-level (ids 0..255) dataset of stdlib source text, for smoke runs and tests without a tokenizer."""
+    tokens = np.frombuffer(stdlib_text(max_bytes), dtype=np.uint8)
+    return write_token_dataset(out_dir, tokens, seq_len)
