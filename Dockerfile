@@ -154,21 +154,18 @@ RUN --mount=type=bind,source=${WHEELHOUSE},target=/tmp/wheelhouse \
 # The project itself, last: a code-only change rebuilds only these layers. Byte code is compiled here (hash-checked,
 # so mtimes do not matter) because nothing may be written into the image at run time.
 FROM deps AS app
+WORKDIR /opt/app
+ENTRYPOINT ["python", "/opt/app/entrypoint.py"]
+CMD ["--help"]
 COPY neuron_cache/ /opt/app/neuron_cache/
 COPY configs/ /opt/app/configs/
 COPY enroot/ /opt/app/enroot/
 COPY llama3_hyperpod/ /opt/app/llama3_hyperpod/
 COPY entrypoint.py /opt/app/entrypoint.py
 RUN python -m compileall -q --invalidation-mode unchecked-hash /opt/app/entrypoint.py /opt/app/llama3_hyperpod
-ARG FLAVOR=neuron
-ARG GIT_COMMIT=unknown
-ARG CACHE_MANIFEST_SHA256=unknown
-ARG LOCK_SHA256=unknown
+ARG FLAVOR=neuron GIT_COMMIT=unknown CACHE_MANIFEST_SHA256=unknown LOCK_SHA256=unknown
 LABEL io.llama3-hyperpod.flavor="${FLAVOR}" \
       io.llama3-hyperpod.cache-manifest-sha256="${CACHE_MANIFEST_SHA256}" \
       io.llama3-hyperpod.lock-sha256="${LOCK_SHA256}" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.title="llama3-hyperpod"
-WORKDIR /opt/app
-ENTRYPOINT ["python", "/opt/app/entrypoint.py"]
-CMD ["--help"]

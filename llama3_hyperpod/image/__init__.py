@@ -1,1 +1,1 @@
-"""Build the project's container image (neuron | cpu | cuda flavors) through the Docker API (Docker Engine or podman)."""
+"""Build the project's container image (neuron | cpu | cuda) through the Docker API: Docker Engine or podman."""

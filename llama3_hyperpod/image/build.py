@@ -1,0 +1,259 @@
+"""`./build.sh`: build the image through the Docker API, then optionally push it to ECR and import it into enroot.
+
+The Docker SDK talks to Docker Engine (DOCKER_HOST or the default socket) and to podman's Docker-compatible API
+(`podman system service`), so the same tool works on a workstation and on a daemon-less CI machine.
+Errors for users are one line; bad input exits 2, a failed build/push/import exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
+
+STAGED_WHEELHOUSE = Path("build") / "wheelhouse"
+_SECRETISH = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|_KEY$|^KEY$)", re.IGNORECASE)
+_ECR = re.compile(r"^(?P<registry>\d{12}\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?)/")
+_TAG = re.compile(r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9](:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
+
+
+class UsageError(Exception):
+    """Bad input: exit 2."""
+
+
+class BuildError(Exception):
+    """The build, push or import failed: exit 1."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build, validated: every path absolute, every build arg final."""
+
+    context: Path
+    flavor: str
+    tag: str
+    build_args: dict[str, str]
+    push: bool = False
+    sqsh: Path | None = None
+    docker_host: str | None = None
+    no_cache: bool = False
+    network: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def tree_sha256(root: Path) -> str:
+    """Hash of a directory's files (relative path + content), stable across machines; 'empty' when there are none."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    if not files:
+        return "empty"
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def git_commit(context: Path) -> str:
+    """HEAD of the context's git checkout (with -dirty when it has changes), 'unknown' outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(context), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(context), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def stage_wheelhouse(wheelhouse: Path, context: Path) -> str:
+    """The wheelhouse as a path relative to the context; one outside it is hard-linked (or copied) into build/."""
+    wheelhouse = wheelhouse.resolve()
+    if not wheelhouse.is_dir() or not any(p.suffix in (".whl", ".gz", ".zip") for p in wheelhouse.iterdir()):
+        raise UsageError(f"--wheelhouse: {wheelhouse} is not a directory of wheels (pip download -r requirements.lock)")
+    if wheelhouse.is_relative_to(context) and wheelhouse != context / STAGED_WHEELHOUSE:
+        return wheelhouse.relative_to(context).as_posix()
+    staged = context / STAGED_WHEELHOUSE
+    if wheelhouse != staged:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for src in wheelhouse.iterdir():
+            if src.is_file():
+                try:
+                    os.link(src, staged / src.name)
+                except OSError:
+                    shutil.copy2(src, staged / src.name)
+    return STAGED_WHEELHOUSE.as_posix()
+
+
+def parse_build_arg(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise UsageError(f"--build-arg: expected NAME=VALUE, got {text!r}")
+    if _SECRETISH.search(name):
+        raise UsageError(f"--build-arg {name}: build args are stored in the image history; pass secrets another way")
+    return name, value
+
+
+def make_request(ns: argparse.Namespace) -> BuildRequest:
+    """Validate the command line and compute build args and labels (no Docker calls)."""
+    context = Path(ns.context).resolve()
+    if not (context / "Dockerfile").is_file():
+        raise UsageError(f"--context: no Dockerfile in {context}")
+    tag = ns.tag or f"llama3-hyperpod:{ns.flavor}"
+    if not _TAG.match(tag):
+        raise UsageError(f"--tag: {tag!r} is not a valid image reference")
+    args = build_args_for(ns.flavor, load_versions(context / "versions" / "neuron.json"))
+    if ns.base_image:
+        args[BASE_IMAGE_ARG[ns.flavor]] = ns.base_image
+    if ns.wheelhouse:
+        args["WHEELHOUSE"] = stage_wheelhouse(Path(ns.wheelhouse), context)
+    args["GIT_COMMIT"] = git_commit(context)
+    args["CACHE_MANIFEST_SHA256"] = tree_sha256(context / "neuron_cache")
+    args["LOCK_SHA256"] = hashlib.sha256((context / "requirements.lock").read_bytes()).hexdigest()
+    for item in ns.build_arg or ():
+        name, value = parse_build_arg(item)
+        args[name] = value
+    sqsh = Path(ns.sqsh).resolve() if ns.sqsh else None
+    if sqsh is not None:
+        if shutil.which("enroot") is None:
+            raise UsageError("--sqsh: enroot is not installed on this host (https://github.com/NVIDIA/enroot); "
+                             "build without --sqsh and import on a host that has it")
+        if sqsh.exists():
+            raise UsageError(f"--sqsh: {sqsh} exists (enroot import never overwrites): remove it or pick another path")
+        if not sqsh.parent.is_dir():
+            raise UsageError(f"--sqsh: directory {sqsh.parent} does not exist")
+    if ns.push and "/" not in tag.split(":")[0]:
+        raise UsageError(f"--push: tag {tag!r} names no registry (e.g. ACCOUNT.dkr.ecr.REGION.amazonaws.com/repo:tag)")
+    return BuildRequest(context=context, flavor=ns.flavor, tag=tag, build_args=args, push=ns.push, sqsh=sqsh,
+                        docker_host=ns.docker_host, no_cache=ns.no_cache, network=ns.network)
+
+
+def connect(docker_host: str | None) -> Any:
+    """A Docker SDK client for Docker Engine or podman's API; one clear line if nothing answers."""
+    import docker
+
+    try:
+        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
+        client.ping()
+    except Exception as exc:
+        where = docker_host or os.environ.get("DOCKER_HOST") or "the default Docker socket"
+        raise BuildError(f"cannot reach a Docker API at {where} ({type(exc).__name__}); start Docker, or "
+                         "`podman system service` and pass --docker-host unix:///path/to/podman.sock") from exc
+    return client
+
+
+def engine_name(client: Any) -> str:
+    """'podman' or 'docker': enroot imports from each with a different URI scheme."""
+    components = client.version().get("Components") or []
+    return "podman" if any("podman" in str(c.get("Name", "")).lower() for c in components) else "docker"
+
+
+def stream_build(client: Any, req: BuildRequest, emit: Callable[[str], None]) -> str:
+    """Run the build, streaming its log with elapsed time on each step; return the image id."""
+    start = time.monotonic()
+    image_id = ""
+    chunks: Iterator[dict[str, Any]] = client.api.build(
+        path=str(req.context), tag=req.tag, buildargs=req.build_args, decode=True, rm=True, forcerm=True,
+        pull=False, nocache=req.no_cache, network_mode=req.network, labels=req.labels or None)
+    for chunk in chunks:
+        if "error" in chunk or "errorDetail" in chunk:
+            detail = chunk.get("error") or chunk.get("errorDetail", {}).get("message", "")
+            raise BuildError(f"build failed: {str(detail).strip().splitlines()[-1] if detail else 'unknown error'}")
+        text = chunk.get("stream", "")
+        for line in text.splitlines():
+            if line.strip():
+                prefix = f"[{time.monotonic() - start:6.1f}s] " if "STEP" in line or line.startswith("Step ") else ""
+                emit(prefix + line)
+        aux = chunk.get("aux") or {}
+        if isinstance(aux, dict) and aux.get("ID"):
+            image_id = aux["ID"]
+    if not image_id:
+        image_id = client.images.get(req.tag).id
+    emit(f"built {req.tag} ({image_id[:19]}) in {time.monotonic() - start:.1f}s")
+    return image_id
+
+
+def ecr_auth(tag: str) -> dict[str, str] | None:
+    """Docker auth for an ECR tag from the AWS CLI (never written to disk or logged); None for other registries."""
+    match = _ECR.match(tag)
+    if match is None:
+        return None
+    if shutil.which("aws") is None:
+        raise BuildError("--push to ECR needs the AWS CLI (aws ecr get-login-password) on PATH")
+    result = subprocess.run(["aws", "ecr", "get-login-password", "--region", match["region"]],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BuildError(f"aws ecr get-login-password failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {"username": "AWS", "password": result.stdout.strip()}
+
+
+def push(client: Any, tag: str, emit: Callable[[str], None]) -> None:
+    repo, _, version = tag.rpartition(":") if ":" in tag.rsplit("/", maxsplit=1)[-1] else (tag, "", "latest")
+    for chunk in client.images.push(repo, tag=version, stream=True, decode=True, auth_config=ecr_auth(tag)):
+        if "error" in chunk:
+            raise BuildError(f"push failed: {chunk['error']}")
+        if chunk.get("status") and not chunk.get("progressDetail"):
+            emit(f"push: {chunk.get('id', '')} {chunk['status']}".strip())
+
+
+def enroot_import(engine: str, tag: str, sqsh: Path, emit: Callable[[str], None]) -> None:
+    uri = f"{'podman' if engine == 'podman' else 'dockerd'}://{tag}"
+    emit(f"enroot import -o {sqsh} {uri}")
+    if subprocess.run(["enroot", "import", "-o", str(sqsh), uri], check=False).returncode != 0:
+        raise BuildError(f"enroot import of {tag} into {sqsh} failed (see its output above)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="build.sh", description=__doc__.splitlines()[0])
+    p.add_argument("--flavor", choices=FLAVORS, default="neuron", help="image flavor (default: neuron)")
+    p.add_argument("--tag", help="image reference (default: llama3-hyperpod:FLAVOR)")
+    p.add_argument("--push", action="store_true", help="push the tag (ECR login through the AWS CLI)")
+    p.add_argument("--sqsh", metavar="PATH", help="also import the image into an enroot squashfs at PATH")
+    p.add_argument("--wheelhouse", metavar="DIR", help="wheels of requirements.lock: install offline (--no-index)")
+    p.add_argument("--base-image", help="base image for the flavor's SDK stage (e.g. a mirrored or local image)")
+    p.add_argument("--docker-host", help="Docker API URL (default: DOCKER_HOST or the default socket)")
+    p.add_argument("--build-arg", action="append", metavar="NAME=VALUE", help="extra build arg (repeatable)")
+    p.add_argument("--network", help="network mode for RUN steps (e.g. none, host)")
+    p.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    p.add_argument("--context", default=str(REPO_ROOT), help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print) -> int:
+    try:
+        req = make_request(parser().parse_args(list(argv) if argv is not None else None))
+        client = connect(req.docker_host)
+        stream_build(client, req, emit)
+        if req.push:
+            push(client, req.tag, emit)
+        if req.sqsh is not None:
+            enroot_import(engine_name(client), req.tag, req.sqsh, emit)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
