@@ -235,6 +235,7 @@ def _hub_pieces(source: HubDataset, field: str) -> Iterator[Piece]:
     import datasets
 
     label = f"{source.name} (Hugging Face hub)"
+    _probe_hub(label)
     try:
         stream = datasets.load_dataset(source.name, source.config, split=source.split, streaming=True)
         for i, row in enumerate(stream):
@@ -245,3 +246,25 @@ def _hub_pieces(source: HubDataset, field: str) -> Iterator[Piece]:
     except Exception as e:  # network, auth, missing dataset: all surface as one line naming the dataset
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(label, f"cannot stream it, and it is not a local path either ({first[:200]})") from None
+
+
+def _probe_hub(label: str) -> None:
+    """Fail in one line at once when the hub cannot be reached, instead of after minutes of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.utils
+
+    huggingface_hub.utils.logging.set_verbosity_error()  # no retry chatter: the error below says it once
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes"):
+        return  # offline mode: datasets answers from its cache or fails fast by itself
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise DataError(
+            label, f"not a local path, and {host} cannot be reached ({e.strerror or e}): offline?"
+        ) from None
