@@ -38,6 +38,11 @@ def init_worker(tokenizer_path: str, bos_id: int, eos_id: int, *, in_process: bo
     _STATE.update(tokenizer=Tokenizer.from_file(tokenizer_path), bos=bos_id, eos=eos_id)
 
 
+def reset() -> None:
+    """Drop the in-process tokenizer once a prepare is done with it."""
+    _STATE.clear()
+
+
 def encode_pieces(pieces: list[Piece]) -> Encoded:
     tok = _STATE["tokenizer"]
     bos, eos = [_STATE["bos"]], [_STATE["eos"]]

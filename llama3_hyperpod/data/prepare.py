@@ -88,8 +88,11 @@ def _encoded(corpus: Corpus, tok: TokenizerInfo, workers: int) -> Iterator[encod
     init_args = (str(tok.path), tok.bos_id, tok.eos_id)
     if workers <= 1:
         encode.init_worker(*init_args, in_process=True)
-        for batch in _batches(corpus.pieces()):
-            yield encode.encode_pieces(batch)
+        try:
+            for batch in _batches(corpus.pieces()):
+                yield encode.encode_pieces(batch)
+        finally:
+            encode.reset()
         return
     import multiprocessing
 

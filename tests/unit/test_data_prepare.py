@@ -164,3 +164,12 @@ def test_check_dataset_matches(tmp_path: Path, tok_path: Path) -> None:
         assert e.value.key == "data.train_dir"
     with pytest.raises(ConfigError, match=r"not a dataset written by datasets\.save_to_disk"):
         check_dataset_matches(root, seq_len=8, vocab_size=400)
+
+
+def test_check_dataset_made_elsewhere_by_row_length(tmp_path: Path) -> None:
+    """A save_to_disk dataset without our metadata (e.g. AWS's own prep script) is checked by its row length."""
+    rows = {"input_ids": [[1, 2, 3, 4]] * 3, "labels": [[1, 2, 3, 4]] * 3}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "aws"))
+    check_dataset_matches(tmp_path / "aws", seq_len=4, vocab_size=128256)
+    with pytest.raises(ConfigError, match="rows of 4 tokens but the model's seq len is 8192"):
+        check_dataset_matches(tmp_path / "aws", seq_len=8192, vocab_size=128256)
