@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import shutil
 import sys
 import sysconfig
@@ -86,11 +87,5 @@ def ensure_default_dataset(dest: Path, seq_len: int, vocab_size: int, *, workers
                 raise DataError("data.train_dir", f"the default corpus yields a vocab of {got}, not {vocab_size}")
             if out.exists():  # a leftover without metadata.json cannot be a finished build: replace it
                 shutil.rmtree(out)
-            prepare(corpus, out, tokenizer=tok, seq_len=seq_len, workers=workers or min(2, _cpus()))
+            prepare(corpus, out, tokenizer=tok, seq_len=seq_len, workers=workers or min(2, os.cpu_count() or 1))
     return out
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 1
