@@ -1,0 +1,180 @@
+# shellcheck shell=bash
+# Shared by train.sbatch and compile.sbatch (sourced, not run): builds the one srun line that starts
+# `python <app>/entrypoint.py train|compile CONFIG [overrides]` once per node, in the pyxis container or a venv,
+# runs it, and requeues the job when the trainer says it has checkpointed. See enroot/README.md for the knobs.
+
+# The trainer's exit code for "I saved a checkpoint because I was asked to stop (USR1/TERM): requeue me".
+# The one place this number is defined on the Slurm side; the trainer must exit with the same value.
+L3HP_EXIT_REQUEUE=85
+
+# Environment variables passed into the container with --container-env: pyxis lets the image's ENV win over the
+# user's exports for every other name (shared/reference/slurm-enroot-pyxis.md), so tunables must be named here.
+L3HP_ENV_PATTERN='^(NEURON_.*|XLA_.*|FI_.*|NCCL_.*|TORCH_.*|TORCHINDUCTOR_.*|L3HP_.*|HF_.*|OMP_NUM_THREADS|MALLOC_ARENA_MAX|MASTER_PORT|BUCKET_CAP_MB|HYDRA_FULL_ERROR|CUDA_VISIBLE_DEVICES|PYTHONFAULTHANDLER|LOGLEVEL)$'
+
+l3hp_die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+# num_nodes from <cache>/manifest.json, empty when there is no manifest (read without python: the login/batch
+# host may not have one). The full manifest format belongs to the cache module; only this key is relied on.
+l3hp_manifest_nodes() {
+  local manifest=$1/manifest.json
+  [[ -f $manifest ]] || return 0
+  tr -d '\n' < "$manifest" | sed -n 's/.*"num_nodes"[[:space:]]*:[[:space:]]*\([0-9][0-9]*\).*/\1/p'
+}
+
+# A compiled-graph cache is only valid for the node count it was compiled for (the data-parallel degree is part
+# of every graph): refuse to start rather than recompile for hours or mix caches.
+l3hp_check_cache_nodes() {
+  local cache=$1 nodes=$2 cached
+  [[ -n $cache ]] || return 0
+  cached=$(l3hp_manifest_nodes "$cache")
+  [[ -z $cached || $cached == "$nodes" ]] && return 0
+  l3hp_die "compile cache $cache was compiled for $cached nodes (num_nodes in $cache/manifest.json) but this job" \
+    "has $nodes: submit with -N $cached, or point CACHE_DIR at another cache and run compile.sbatch with -N $nodes"
+}
+
+# Comma-separated names of the exported environment variables that must reach the program in the container.
+l3hp_container_env() {
+  local names=() extra=() name
+  while IFS= read -r name; do
+    [[ $name =~ $L3HP_ENV_PATTERN ]] && names+=("$name")
+  done < <(compgen -e | sort)
+  if [[ -n ${CONTAINER_ENV:-} ]]; then
+    IFS=, read -r -a extra <<< "$CONTAINER_ENV"
+    names+=("${extra[@]}")
+  fi
+  local IFS=,
+  echo "${names[*]}"
+}
+
+# The container mounts: the shared filesystem and the node-local NVMe (when present) at the same paths inside,
+# so data, checkpoints, logs and caches keep their host paths; then the user's CONTAINER_MOUNTS.
+l3hp_container_mounts() {
+  local mounts=() dir
+  for dir in "$FSX" "$NVME"; do
+    [[ -n $dir && -d $dir ]] && mounts+=("$dir:$dir")
+  done
+  [[ -n ${CONTAINER_MOUNTS:-} ]] && mounts+=("$CONTAINER_MOUNTS")
+  local IFS=,
+  echo "${mounts[*]}"
+}
+
+# Is PATH inside one of the comma-separated mount destinations (or the image)? Used to catch an output dir that
+# the container would write into its own (lost) overlay.
+l3hp_is_mounted() {
+  local path=$1 list=$2 spec src dst
+  local -a specs
+  IFS=, read -r -a specs <<< "$list"
+  for spec in "${specs[@]}"; do
+    IFS=: read -r src dst _ <<< "$spec"
+    dst=${dst:-$src}
+    [[ $path == "$dst" || $path == "$dst"/* ]] && return 0
+  done
+  return 1
+}
+
+# l3hp_job MODE [CONFIG [OVERRIDES...]]: the body of train.sbatch / compile.sbatch.
+l3hp_job() {
+  local mode=$1
+  shift
+  local config=${1:-configs/llama3_8b_trn1.yaml}
+  (($# > 0)) && shift
+  local -a overrides=("$@")
+
+  CONTAINER=${CONTAINER:-pyxis}
+  FSX=${FSX:-/fsx}
+  NVME=${NVME:-/opt/dlami/nvme}
+  local hyperpod_marker=${L3HP_HYPERPOD_MARKER:-/opt/sagemaker_cluster}
+  local job_id=${SLURM_JOB_ID:-0}
+  local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+  local restart=${SLURM_RESTART_COUNT:-0}
+  local submit_dir=${SLURM_SUBMIT_DIR:-$PWD}
+  local default_out=$submit_dir/runs
+  [[ -d $FSX ]] && default_out=$FSX/llama3-hyperpod/runs
+  OUTPUT_DIR=${OUTPUT_DIR:-$default_out}
+  LOG_DIR=${LOG_DIR:-$OUTPUT_DIR/slurm-logs}
+  [[ $OUTPUT_DIR == /* ]] || l3hp_die "OUTPUT_DIR=$OUTPUT_DIR must be an absolute path (it is used on every node)"
+  [[ $LOG_DIR == /* ]] || l3hp_die "LOG_DIR=$LOG_DIR must be an absolute path (it is used on every node)"
+  if [[ -z ${CACHE_DIR:-} && -d $FSX ]]; then
+    CACHE_DIR=$FSX/llama3-hyperpod/cache
+  fi
+
+  local python app
+  local -a srun_args=(
+    srun --nodes="$nodes" --ntasks-per-node=1
+    # Let every node's trainer finish its own checkpoint-and-exit, but end the step soon after the first task
+    # ends, so a crashed node fails the step (HyperPod's auto-resume needs the step to end, not hang).
+    --kill-on-bad-exit=0 --wait="${STEP_EXIT_GRACE:-120}"
+    # One log per job, restart and node (%t is the node rank with one task per node).
+    --output="$LOG_DIR/%x-%j-restart${restart}-%N-node%t.log"
+  )
+  case $CONTAINER in
+    pyxis)
+      IMAGE=${IMAGE:-$FSX/enroot/llama3-hyperpod.sqsh}
+      [[ $IMAGE == /* ]] || l3hp_die "IMAGE=$IMAGE must be an absolute path to a .sqsh file: pyxis reads a" \
+        "relative name as a Docker Hub image (use $PWD/$IMAGE)"
+      [[ -f $IMAGE || -n ${DRY_RUN:-} ]] || l3hp_die "IMAGE=$IMAGE does not exist: make it with enroot/import.sh"
+      app=${APP:-/opt/app}
+      python=python
+      local mounts
+      mounts=$(l3hp_container_mounts)
+      l3hp_is_mounted "$OUTPUT_DIR" "$mounts" || l3hp_die "OUTPUT_DIR=$OUTPUT_DIR is not under a container mount" \
+        "($mounts): checkpoints would be lost with the container; put it under $FSX or add it to CONTAINER_MOUNTS"
+      srun_args+=(
+        --container-image="$IMAGE"
+        # Named per job: later steps of this job (and auto-resume re-runs) reuse the unpacked rootfs.
+        --container-name="llama3-hyperpod-$job_id"
+        --container-workdir="$app"
+        --no-container-entrypoint
+        --no-container-mount-home
+      )
+      [[ -n $mounts ]] && srun_args+=(--container-mounts="$mounts")
+      local env_names
+      env_names=$(l3hp_container_env)
+      [[ -n $env_names ]] && srun_args+=(--container-env="$env_names")
+      ;;
+    none)
+      app=${APP:-$(cd "$L3HP_ENROOT_DIR/.." && pwd)}
+      VENV=${VENV:-$app/.venv}
+      python=$VENV/bin/python
+      [[ -x $python || -n ${DRY_RUN:-} ]] || l3hp_die "VENV=$VENV has no bin/python: CONTAINER=none runs the" \
+        "entrypoint from a virtual environment with the project installed (set VENV=/path/to/venv)"
+      srun_args+=(--chdir="$app")
+      ;;
+    *) l3hp_die "CONTAINER=$CONTAINER must be pyxis or none" ;;
+  esac
+  [[ -d $hyperpod_marker ]] && srun_args+=(--auto-resume=1)
+
+  if [[ -n ${CACHE_DIR:-} ]]; then
+    [[ $CACHE_DIR == /* ]] || l3hp_die "CACHE_DIR=$CACHE_DIR must be an absolute path"
+    overrides+=("compiler_cache_url=$CACHE_DIR")
+  fi
+  local -a cli=("$python" "$app/entrypoint.py" "$mode" "$config" --output-dir "$OUTPUT_DIR")
+  [[ -n ${RUN_NAME:-} ]] && cli+=(--run-name "$RUN_NAME")
+  [[ -n ${BACKEND:-} ]] && cli+=(--backend "$BACKEND")
+  cli+=("${overrides[@]}")
+
+  l3hp_check_cache_nodes "${CACHE_DIR:-}" "$nodes"
+  local line
+  line=$(printf '%q ' "${srun_args[@]}" "${cli[@]}")
+  if [[ -n ${DRY_RUN:-} ]]; then
+    echo "${line% }"
+    return 0
+  fi
+  mkdir -p "$LOG_DIR" "$OUTPUT_DIR"
+  echo "job $job_id ($mode, $nodes nodes, restart $restart) on ${SLURM_JOB_NODELIST:-?}; node logs in $LOG_DIR"
+  echo "+ ${line% }"
+  local rc=0
+  "${srun_args[@]}" "${cli[@]}" || rc=$?
+  echo "job $job_id: step exited $rc"
+  if ((rc == L3HP_EXIT_REQUEUE)) && [[ $mode == train ]]; then
+    # The trainer checkpointed on USR1/TERM (time limit, preemption): put the job back in the queue; the next
+    # run (SLURM_RESTART_COUNT+1) resumes from that checkpoint under the same run name.
+    echo "job $job_id: checkpointed (exit $L3HP_EXIT_REQUEUE), requeueing"
+    scontrol requeue "$job_id"
+    return 0
+  fi
+  return "$rc"
+}
