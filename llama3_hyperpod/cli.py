@@ -159,3 +159,13 @@ def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str 
           nxdt_examples: str | None, dry_run: bool) -> None:
     """Train: one torchrun per node running NxDT (neuron) or the project's trainer (torch); exit code passed through."""
     _execute("train", config, overrides, backend, run_name, output_dir, nxdt_examples, dry_run)
+
+
+def _register_command_groups() -> None:
+    """Commands that live beside their code; their modules import heavy libraries only when a command runs."""
+    from llama3_hyperpod.data.commands import data
+
+    main.add_command(data)
+
+
+_register_command_groups()

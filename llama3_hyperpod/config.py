@@ -24,7 +24,8 @@ _OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Keys holding filesystem paths: resolved against the YAML's folder when written in the YAML, against the
 # working directory when given as an override.
-PATH_KEYS = ("model.model_config", "data.train_dir", "data.val_dir", "data.tokenizer", "exp_manager.explicit_log_dir")
+PATH_KEYS = ("model.model_config", "data.train_dir", "data.val_dir", "data.test_dir", "data.tokenizer",
+             "exp_manager.explicit_log_dir")
 
 
 class ConfigError(Exception):

@@ -75,6 +75,7 @@ class DataSection:
     global_batch_size: int = 1024
     train_dir: str | None = None
     val_dir: str | None = None
+    test_dir: str | None = None
     tokenizer: str | None = None
 
 
