@@ -1,0 +1,117 @@
+"""The cpu image, built for real (podman's Docker API, the local Debian base, an offline wheelhouse) and run the way
+pyxis runs it: uid 1000, read-only rootfs, no ENTRYPOINT, tmpfs /tmp, a mounted output dir, $HOME not writable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llama3_hyperpod.image import build, ci
+
+pytestmark = [pytest.mark.integration, pytest.mark.container]
+
+TAG = "localhost/llama3-hyperpod:cpu-ci"
+
+
+@pytest.fixture(scope="session")
+def podman_env() -> dict[str, str]:
+    """podman + API socket + local base image; never silently skipped in CI."""
+    try:
+        return ci.setup_podman()
+    except (OSError, RuntimeError) as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"podman setup failed in CI: {exc}")
+        pytest.skip(f"podman setup failed: {exc}")
+
+
+def build_cpu(context: Path, tag: str, env: dict[str, str], lines: list[str]) -> int:
+    return build.main(["--flavor", "cpu", "--tag", tag, "--base-image", env["LLAMA3_CI_BASE_IMAGE"],
+                       "--wheelhouse", str(ci.ensure_wheelhouse()), "--docker-host", env["DOCKER_HOST"],
+                       "--context", str(context)], emit=lines.append)
+
+
+@pytest.fixture(scope="session")
+def cpu_image(podman_env: dict[str, str]) -> dict[str, Any]:
+    lines: list[str] = []
+    start = time.monotonic()
+    rc = build_cpu(ci.REPO_ROOT, TAG, podman_env, lines)
+    assert rc == 0, "\n".join(lines[-40:])
+    inspect = json.loads(subprocess.run(["podman", "image", "inspect", TAG], capture_output=True, text=True,
+                                        check=True).stdout)[0]
+    return {"tag": TAG, "inspect": inspect, "seconds": time.monotonic() - start, "log": lines}
+
+
+def test_plan_runs_like_pyxis(cpu_image: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    result = ci.pyxis_run(cpu_image["tag"], ["python", "/opt/app/entrypoint.py", "plan", "configs/llama3_8b_trn1.yaml",
+                                             "--backend", "neuron", "--output-dir", "/out", "--json"],
+                          mounts={out: "/out"}, env={"USER_SETTING": "kept"}, workdir="/opt/app")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads(result.stdout)
+    text = json.dumps(plan)
+    assert "torchrun" in text and "/opt/neuronx-distributed-training/examples" in text
+
+
+def test_launcher_and_package_import_from_anywhere(cpu_image: dict[str, Any]) -> None:
+    """torchrun starts `python -m llama3_hyperpod...` from any cwd: the package must import without PYTHONPATH."""
+    result = ci.pyxis_run(cpu_image["tag"], ["sh", "-c", "cd /tmp && llama3-hyperpod --help && python -c "
+                                             "'import llama3_hyperpod, torch; print(llama3_hyperpod.__file__, "
+                                             "torch.__version__)'"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "/opt/app/llama3_hyperpod/__init__.py 2.13.0+cpu" in result.stdout
+
+
+def test_image_metadata(cpu_image: dict[str, Any]) -> None:
+    config = cpu_image["inspect"]["Config"]
+    labels = config["Labels"]
+    assert labels["io.llama3-hyperpod.flavor"] == "cpu"
+    assert labels["io.llama3-hyperpod.lock-sha256"] == build.hashlib.sha256(
+        (ci.REPO_ROOT / "requirements.lock").read_bytes()).hexdigest()
+    assert labels["io.llama3-hyperpod.cache-manifest-sha256"] == build.tree_sha256(ci.REPO_ROOT / "neuron_cache")
+    assert labels["org.opencontainers.image.revision"] == build.git_commit(ci.REPO_ROOT)
+    env = {item.split("=", 1)[0] for item in config["Env"]}
+    assert env <= {"PATH", "LD_LIBRARY_PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "container", "HOSTNAME"}
+    secrets = [line for line in json.dumps(cpu_image["inspect"]).splitlines() if "PASSWORD" in line.upper()]
+    assert not secrets
+
+
+def test_smoke_runs_like_pyxis(cpu_image: dict[str, Any], tmp_path: Path) -> None:
+    help_text = ci.pyxis_run(cpu_image["tag"], ["python", "/opt/app/entrypoint.py", "--help"]).stdout
+    if " smoke " not in help_text:
+        pytest.skip("entrypoint.py has no `smoke` command yet")
+    smoke_help = ci.pyxis_run(cpu_image["tag"], ["python", "/opt/app/entrypoint.py", "smoke", "--help"]).stdout
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    argv = ["python", "/opt/app/entrypoint.py", "smoke"] + (["--output-dir", "/out"] if "--output-dir" in smoke_help
+                                                            else [])
+    result = ci.pyxis_run(cpu_image["tag"], argv, mounts={out: "/out"}, workdir="/out", timeout=420)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+
+
+def test_code_only_change_rebuilds_only_the_last_layers(cpu_image: dict[str, Any], podman_env: dict[str, str],
+                                                        tmp_path: Path) -> None:
+    context = ci.copy_context(tmp_path / "context")
+    entry = context / "entrypoint.py"
+    entry.write_text(entry.read_text() + "\n# a code-only change\n")
+    tag = TAG + "-edit"
+    lines: list[str] = []
+    start = time.monotonic()
+    assert build_cpu(context, tag, podman_env, lines) == 0, "\n".join(lines[-40:])
+    seconds = time.monotonic() - start
+    before = cpu_image["inspect"]["RootFS"]["Layers"]
+    after = json.loads(subprocess.run(["podman", "image", "inspect", tag], capture_output=True, text=True,
+                                      check=True).stdout)[0]["RootFS"]["Layers"]
+    shared = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), len(before))
+    rebuilt = [line for line in lines if "STEP" in line and "Using cache" not in line]
+    assert 1 <= len(after) - shared <= 2, f"{len(after) - shared} of {len(after)} layers changed: {rebuilt}"
+    assert seconds < 60, f"code-only rebuild took {seconds:.0f}s"
+    subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False)
