@@ -1,0 +1,124 @@
+"""CLI commands of the torch backend: `smoke` (does training work here?) and `report` (plot a run's metrics).
+
+Registered by cli.py. Heavy libraries (torch, matplotlib, datasets) are imported inside the commands so the CLI
+starts fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+SMOKE_MIN_DROP = 1.0  # nats: the tiny model on real text falls by several within 30 steps
+
+
+@click.command()
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=TINY_CONFIG, show_default=True)
+@click.option("--steps", type=click.IntRange(min=10), default=30, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--output-dir",
+    default="runs",
+    envvar="L3HP_OUTPUT_DIR",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder and default dataset go here.",
+)
+@click.argument("overrides", nargs=-1)  # fmt: skip
+def smoke(config: Path, steps: int, device: str, output_dir: Path, overrides: tuple[str, ...]) -> None:
+    """Train the tiny model for a few dozen steps in this process and say PASS or FAIL, with the evidence."""
+    import torch
+
+    from llama3_hyperpod.config import ConfigError
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        code = _run_smoke(config, steps, dev, output_dir, overrides)
+    except ConfigError as exc:
+        click.echo(f"error: {exc.key}: {exc.message}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, overrides: tuple[str, ...]) -> int:
+    from llama3_hyperpod.config import load_config
+    from llama3_hyperpod.torch_backend.train import train
+
+    base = [f"trainer.max_steps={steps}", "trainer.devices=1", "trainer.num_nodes=1", *overrides]
+    rc = load_config(config, base)
+    if rc.cfg.data.train_dir is None:
+        from llama3_hyperpod.data.default import ensure_default_dataset
+
+        t0 = time.perf_counter()
+        data = ensure_default_dataset(output_dir.resolve() / "_data", rc.seq_len, rc.model.vocab_size)
+        click.echo(f"dataset: embedded default (Python stdlib sources) at {data} ({time.perf_counter() - t0:.1f} s)")
+        rc = load_config(config, [*base, f"data.train_dir={data}"])
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(rc.cfg.compiler_cache_url) / "inductor"))
+    run_dir = output_dir / f"smoke-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = train(rc, run_dir, device=device)
+
+    losses = result.losses
+    head, tail = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    checks = {
+        "loss finite": all(map(math.isfinite, losses)),
+        f"loss falls by >= {SMOKE_MIN_DROP} (first 5 vs last 5 steps)": head - tail >= SMOKE_MIN_DROP,
+        "throughput > 0": result.steady("tokens_per_s") > 0,
+    }
+    cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    click.echo(
+        f"evidence: loss {head:.3f} -> {tail:.3f} (drop {head - tail:.3f}, {100 * (head - tail) / head:.0f}%) | "
+        f"{result.steady('tokens_per_s'):,.0f} tok/s | MFU {100 * result.steady('mfu'):.1f}% of "
+        f"{result.peak_flops / 1e12:.3f} TFLOP/s ({result.peak_source}) | torch.compile "
+        f"{'on, cache ' + cache if rc.cfg.torch_backend.compile else 'off'} | {result.wall_s:.0f} s | run dir {run_dir}"
+    )
+    for name, ok in checks.items():
+        click.echo(f"  [{'ok' if ok else 'FAIL'}] {name}")
+    passed = all(checks.values())
+    click.echo(f"smoke: {'PASS' if passed else 'FAIL'} ({device})")
+    return 0 if passed else 1
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write (default: RUN_DIR/report.png).")  # fmt: skip
+def report(run_dir: Path, output: Path | None) -> None:
+    """Plot loss, learning rate and tokens/s per step from RUN_DIR/metrics.jsonl into a PNG."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        click.echo(f"error: {run_dir}: has no metrics.jsonl (not a torch-backend run folder?)", err=True)
+        sys.exit(2)
+    out = render_report(run_dir, output or run_dir / "report.png")
+    click.echo(str(out))
+
+
+def render_report(run_dir: Path, output: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llama3_hyperpod.torch_backend.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    for ax, key, label in zip(
+        axes, ("loss", "lr", "tokens_per_s"), ("loss", "learning rate", "tokens / s"), strict=True
+    ):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"{run_dir.name}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output

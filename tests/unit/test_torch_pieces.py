@@ -1,0 +1,85 @@
+"""Data sharding, config errors and FLOP accounting of the torch backend (single process, no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llama3_hyperpod.config import ConfigError, load_config
+from llama3_hyperpod.torch_backend.data import IGNORE_INDEX, Batches, load_train_dataset, write_token_dataset
+from llama3_hyperpod.torch_backend.metrics import flops_per_token
+from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
+from llama3_hyperpod.torch_backend.parallel import check_layout
+from llama3_hyperpod.torch_backend.train import main
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+
+
+@pytest.fixture
+def numbered(tmp_path: Path) -> Path:
+    """Row i holds tokens i*8 .. i*8+7, so a batch tells which rows it came from."""
+    write_token_dataset(tmp_path / "ds", np.arange(40 * 8), seq_len=8)
+    return tmp_path / "ds"
+
+
+def test_dp_ranks_take_contiguous_slices_of_the_same_global_batch(numbered: Path) -> None:
+    ds = load_train_dataset(str(numbered), seq_len=8)
+    single = Batches(ds, 8, micro_batch_size=2, dp=1, dp_rank=0, grad_accum_steps=4)
+    rows_single = [int(t[0]) // 8 for m in range(4) for t in single.get(step=1, micro=m)[0]]
+    rows_dp = []
+    for m in range(2):
+        for r in range(2):
+            tokens, _ = Batches(ds, 8, micro_batch_size=2, dp=2, dp_rank=r, grad_accum_steps=2).get(step=1, micro=m)
+            rows_dp += [int(t[0]) // 8 for t in tokens]
+    assert rows_single == rows_dp == list(range(8, 16))
+
+
+def test_targets_are_labels_shifted_with_last_ignored_and_wraparound(numbered: Path) -> None:
+    ds = load_train_dataset(str(numbered), seq_len=8)
+    tokens, targets = Batches(ds, 8, micro_batch_size=1, dp=1, dp_rank=0, grad_accum_steps=1).get(step=41, micro=0)
+    assert tokens[0].tolist() == list(range(8, 16))  # row 41 wraps to row 1
+    assert targets[0].tolist() == [*range(9, 16), IGNORE_INDEX]
+
+
+def test_missing_train_dir_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_train_dataset(None, 8)
+    assert err.value.key == "data.train_dir"
+    with pytest.raises(ConfigError, match="is not a directory"):
+        load_train_dataset(str(tmp_path / "nope"), 8)
+
+
+def test_short_rows_name_the_sequence_length(numbered: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_train_dataset(str(numbered), seq_len=16)
+    assert err.value.key == "model.encoder_seq_length"
+
+
+def test_pipeline_parallel_is_refused_with_the_key() -> None:
+    rc = load_config(TINY, ["trainer.devices=2", "distributed_strategy.pipeline_model_parallel_size=2"])
+    with pytest.raises(ConfigError) as err:
+        check_layout(rc.layout, rc.model.num_key_value_heads)
+    assert err.value.key == "distributed_strategy.pipeline_model_parallel_size"
+    assert "no pipeline parallelism" in err.value.message
+
+
+def test_train_cli_exits_2_with_one_line_when_data_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(TINY), "--run-dir", "/tmp/unused-run", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: data.train_dir: is not set: point it at a dataset made by `data prepare`"]
+
+
+def test_flops_per_token_palm_convention_on_llama3_8b() -> None:
+    rc = load_config(TINY.parent / "llama3_8b_trn1.yaml")
+    m = rc.model
+    with torch.device("meta"):
+        model = Llama(LlamaArgs.from_hf(m.hf_config))
+    assert num_params(model) == m.parameter_count() == 8_030_261_248
+    non_embedding = num_params(model, exclude_embedding=True)
+    assert non_embedding == 8_030_261_248 - 128_256 * 4096  # the output layer counts, the embedding does not
+    fpt = flops_per_token(non_embedding_params=non_embedding, num_layers=32, hidden_size=4096, seq_len=8192)
+    assert fpt == 6 * non_embedding + 12 * 32 * 4096 * 8192
+    assert 57e9 < fpt < 59e9
