@@ -193,6 +193,14 @@ def test_request_labels_and_wheelhouse_staging(tmp_path: Path) -> None:
     assert req.build_args["GIT_COMMIT"] == "unknown" and req.build_args["CACHE_MANIFEST_SHA256"] == "empty"
 
 
+def test_git_commit_label_value() -> None:
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=False).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    assert build.git_commit(ROOT) in (head, head + "-dirty")
+
+
 def test_build_sh_help() -> None:
     result = subprocess.run([str(ROOT / "build.sh"), "--help"], capture_output=True, text=True, check=True)
     for flag in ("--flavor", "--tag", "--push", "--sqsh", "--wheelhouse", "--base-image", "--docker-host"):
