@@ -65,14 +65,19 @@ remove_hosts_aliases() {
   fi
 }
 
+# Always our own line (even when another cluster's line names the same nodes), so `down` of one cluster never
+# takes the names away from another.
 add_hosts_aliases() {
-  local missing=() name
-  for name in $(node_names); do
-    getent hosts "$name" > /dev/null || missing+=("$name")
-  done
-  ((${#missing[@]} == 0)) && return 0
-  [[ -w /etc/hosts ]] || die "node names ${missing[*]} do not resolve and /etc/hosts is not writable"
-  printf '127.0.0.1 %s %s\n' "${missing[*]}" "$HOSTS_MARK" >> /etc/hosts
+  local names
+  names=$(node_names | tr '\n' ' ')
+  if [[ ! -w /etc/hosts ]]; then
+    local name
+    for name in $names; do
+      getent hosts "$name" > /dev/null || die "node name $name does not resolve and /etc/hosts is not writable"
+    done
+    return 0
+  fi
+  printf '127.0.0.1 %s%s\n' "$names" "$HOSTS_MARK" >> /etc/hosts
 }
 
 write_config() {

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Turn the image into an enroot squashfs on shared storage, which pyxis then starts on every node with
+# `srun --container-image=/fsx/enroot/NAME.sqsh` (see train.sbatch).
+#
+#   enroot/import.sh [--force] [-o FILE.sqsh] SOURCE
+#
+# SOURCE is one of
+#   dockerd://IMAGE[:TAG]                       the local Docker daemon (after ./build.sh)
+#   podman://IMAGE[:TAG]                        local podman storage
+#   docker://[USER@][REGISTRY#]IMAGE[:TAG]      a registry, in enroot's own syntax
+#   REGISTRY/IMAGE[:TAG]                        a registry, Docker syntax (rewritten to REGISTRY#IMAGE, which enroot
+#                                               3.x needs: HyperPod installs enroot 3.4)
+# For an ECR registry (ACCOUNT.dkr.ecr.REGION.amazonaws.com) the credentials entry enroot needs is added to
+# $ENROOT_CONFIG_PATH/.credentials (netrc format; enroot evaluates the password at each import, so the 12-hour ECR
+# token is always fresh): machine HOST login AWS password $(aws ecr get-login-password --region REGION)
+#
+# -o FILE    the .sqsh to write (default: $FSX/enroot/NAME-TAG.sqsh with FSX=/fsx); made under a temporary name
+#            and moved into place, so jobs never see half a file.
+# --force    replace FILE when it exists (refused otherwise).
+# DRY_RUN=1  print what would be done, change nothing.
+set -euo pipefail
+
+die() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+
+force=
+out=
+source_uri=
+while (($# > 0)); do
+  case $1 in
+    -f | --force) force=1 ;;
+    -o | --output)
+      (($# >= 2)) || die "$1 needs a file name"
+      out=$2
+      shift
+      ;;
+    --output=*) out=${1#*=} ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *)
+      [[ -z $source_uri ]] || die "one SOURCE only (got $source_uri and $1)"
+      source_uri=$1
+      ;;
+  esac
+  shift
+done
+[[ -n $source_uri ]] || die "no SOURCE given: e.g. dockerd://llama3-hyperpod:neuron (see --help)"
+
+# Normalize SOURCE to an enroot URI and find the registry host, if any.
+registry=
+case $source_uri in
+  dockerd://* | podman://*) uri=$source_uri ;;
+  docker://*)
+    uri=$source_uri
+    rest=${source_uri#docker://}
+    user=
+    [[ $rest == *@* ]] && user=${rest%%@*}@ && rest=${rest#*@}
+    first=${rest%%/*}
+    if [[ $rest == *'#'* ]]; then
+      registry=${rest%%#*}
+    elif [[ $rest == */* && ($first == *.* || $first == *:* || $first == localhost) ]]; then
+      registry=$first
+      uri="docker://$user$registry#${rest#*/}"
+    fi
+    ;;
+  *://*) die "unsupported SOURCE scheme in $source_uri: use dockerd://, podman:// or docker://" ;;
+  */*)
+    first=${source_uri%%/*}
+    if [[ $first == *.* || $first == *:* || $first == localhost ]]; then
+      registry=$first
+      uri="docker://$registry#${source_uri#*/}"
+    else
+      uri="docker://$source_uri" # a Docker Hub name such as library/ubuntu:22.04
+    fi
+    ;;
+  *) uri="docker://$source_uri" ;;
+esac
+
+# The image name and tag, for the default output name.
+ref=${uri#*://}
+ref=${ref#*@}
+ref=${ref#*#}
+name=${ref##*/}
+tag=latest
+if [[ $name == *:* ]]; then
+  tag=${name##*:}
+  name=${name%:*}
+fi
+[[ -n $name ]] || die "cannot find an image name in $source_uri"
+
+FSX=${FSX:-/fsx}
+out=${out:-$FSX/enroot/$name-$tag.sqsh}
+[[ $out == *.sqsh ]] || die "output $out must end in .sqsh"
+[[ $out == /* ]] || out=$PWD/$out
+if [[ -e $out && -z $force ]]; then
+  die "$out exists: pass --force to replace it (running jobs keep the old file open and are not disturbed)"
+fi
+
+# ECR: make sure enroot can log in.
+credentials_line=
+if [[ $registry =~ ^[0-9]+\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$ ]]; then
+  region=${BASH_REMATCH[1]}
+  # shellcheck disable=SC2016  # the $(...) is for enroot to evaluate at import time, not for us
+  credentials_line="machine $registry login AWS password \$(aws ecr get-login-password --region $region)"
+fi
+config_path=${ENROOT_CONFIG_PATH:-}
+if [[ -z $config_path && -r /etc/enroot/enroot.conf ]]; then
+  config_path=$(sed -n 's/^[[:space:]]*ENROOT_CONFIG_PATH[[:space:]]\{1,\}//p' /etc/enroot/enroot.conf | tail -n 1)
+  config_path=${config_path//\$\{HOME\}/$HOME}
+  config_path=${config_path//\$HOME/$HOME}
+fi
+config_path=${config_path:-${XDG_CONFIG_HOME:-$HOME/.config}/enroot}
+credentials=$config_path/.credentials
+
+partial=${out%.sqsh}.partial-$$.sqsh
+if [[ -n ${DRY_RUN:-} ]]; then
+  if [[ -n $credentials_line ]] && ! grep -qs "^machine $registry " "$credentials"; then
+    echo "would add to $credentials: $credentials_line"
+  fi
+  printf '%q ' enroot import --output "$partial" "$uri"
+  echo
+  printf '%q ' mv -f "$partial" "$out"
+  echo
+  exit 0
+fi
+
+command -v enroot > /dev/null || die "enroot is not installed on this node (HyperPod's lifecycle scripts install it;" \
+  "elsewhere see https://github.com/NVIDIA/enroot)"
+case $uri in
+  dockerd://*) command -v docker > /dev/null || die "$uri needs the docker CLI and a running Docker daemon here" ;;
+  podman://*) command -v podman > /dev/null || die "$uri needs podman on this node" ;;
+esac
+if [[ -n $credentials_line ]]; then
+  command -v aws > /dev/null || die "$registry is an ECR registry: install the AWS CLI (enroot runs" \
+    "\`aws ecr get-login-password\` to log in)"
+  if ! grep -qs "^machine $registry " "$credentials"; then
+    mkdir -p "$config_path"
+    (umask 077 && echo "$credentials_line" >> "$credentials")
+    echo "added ECR login for $registry to $credentials"
+  fi
+fi
+mkdir -p "$(dirname "$out")"
+trap 'rm -f "$partial"' EXIT
+echo "importing $uri -> $out"
+enroot import --output "$partial" "$uri" || die "enroot import $uri failed (see above)"
+mv -f "$partial" "$out"
+trap - EXIT
+echo "done: use IMAGE=$out with enroot/train.sbatch and enroot/compile.sbatch"
