@@ -1,0 +1,198 @@
+"""Make the read-only baked cache (in the image) available in a writable run-time cache dir.
+
+Neuron needs a writable cache (it writes locks), and nothing may be written into image paths. Every rank of every
+node may call this at once: one lock file serialises seeding per run-time dir, each Neuron MODULE_* entry is
+copied into a temp name and renamed into place (so no reader ever sees half an entry), every other file is copied
+to a temp name and renamed, and what is already there is left alone, so a second seed copies nothing.
+Hard links are used instead of copies when both dirs are on one filesystem (and the kernel allows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llama3_hyperpod.cache.manifest import (
+    MANIFEST_NAME,
+    NEURON_VERSION_PREFIX,
+    TEMP_MARK,
+    is_bookkeeping,
+    merge_manifest,
+    read_manifest,
+)
+
+ENV_RUNTIME_DIR = "L3HP_CACHE_DIR"
+ENV_BAKED_DIR = "L3HP_BAKED_CACHE"
+DEFAULT_BAKED_DIR = "/opt/app/neuron_cache"
+LOCK_NAME = ".seed.lock"
+DONE_MARKERS = ("model.done",)  # copied last inside an entry: the marker Neuron trusts
+
+
+class SeedError(Exception):
+    """Seeding could not be done (lock timeout, unwritable run-time dir)."""
+
+
+@dataclass
+class SeedReport:
+    baked: str
+    runtime: str
+    entries_copied: int = 0
+    files_copied: int = 0
+    files_linked: int = 0
+    files_skipped: int = 0
+    bytes_copied: int = 0
+    lock_wait_s: float = 0.0
+    seconds: float = 0.0
+    manifest_merged: bool = False
+
+    @property
+    def changed(self) -> int:
+        return self.files_copied + self.files_linked
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def runtime_cache_dir(configured: str, env: dict[str, str] | None = None) -> str:
+    """The run-time cache dir: L3HP_CACHE_DIR when set (node-local disk), else the config's compiler_cache_url."""
+    env = dict(os.environ if env is None else env)
+    return env.get(ENV_RUNTIME_DIR) or configured
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float) -> Iterator[float]:
+    """Exclusive flock on path; yields the seconds waited. Raises SeedError after timeout."""
+    start = time.monotonic()
+    with path.open("a") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - start > timeout:
+                    raise SeedError(f"{path}: still locked by another seeding process after {timeout:.0f} s") from None
+                time.sleep(0.05)
+        try:
+            yield time.monotonic() - start
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _tmp_name(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _place_file(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
+    """Copy (or hard-link) src to a temp name beside dest, then rename: dest is whole or absent."""
+    tmp = _tmp_name(dest)
+    if link:
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dest)
+            report.files_linked += 1
+            return
+        except OSError:  # other filesystem, protected_hardlinks, read-only source owner: copy instead
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+    report.files_copied += 1
+    report.bytes_copied += src.stat().st_size
+
+
+def _seed_entry(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
+    """One Neuron MODULE_* dir: whole into a temp dir then renamed; an existing one only gets its missing files."""
+    files = sorted((p for p in src.iterdir() if p.is_file() and not is_bookkeeping(Path(p.name))),
+                   key=lambda p: (p.name in DONE_MARKERS, p.name))
+    if not dest.exists():
+        tmp = _tmp_name(dest)
+        tmp.mkdir(parents=True)
+        inner = SeedReport(report.baked, report.runtime)
+        for f in files:
+            _place_file(f, tmp / f.name, link, inner)
+        try:
+            os.rename(tmp, dest)
+        except OSError as exc:  # another process placed it first (only possible without our lock, e.g. NFS)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            report.files_skipped += len(files)
+            return
+        report.entries_copied += 1
+        report.files_copied += inner.files_copied
+        report.files_linked += inner.files_linked
+        report.bytes_copied += inner.bytes_copied
+        return
+    for f in files:
+        target = dest / f.name
+        if target.exists():
+            report.files_skipped += 1
+        else:
+            _place_file(f, target, link, report)
+
+
+def _walk(baked: Path, runtime: Path, link: bool, report: SeedReport) -> None:
+    for dirpath, dirnames, filenames in os.walk(baked):
+        here = Path(dirpath)
+        rel = here.relative_to(baked)
+        dirnames.sort()
+        out_dir = runtime / rel
+        in_neuron_version = len(rel.parts) == 1 and rel.parts[0].startswith(NEURON_VERSION_PREFIX)
+        if in_neuron_version:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name in [d for d in dirnames if d.startswith("MODULE_")]:
+                _seed_entry(here / name, out_dir / name, link, report)
+            dirnames[:] = [d for d in dirnames if not d.startswith("MODULE_")]
+        for name in sorted(filenames):
+            rel_file = rel / name
+            if is_bookkeeping(rel_file) or rel_file.as_posix() == MANIFEST_NAME:
+                continue
+            dest = out_dir / name
+            if dest.exists() and dest.stat().st_size == (here / name).stat().st_size:
+                report.files_skipped += 1
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _place_file(here / name, dest, link, report)
+
+
+def seed_cache(baked: Path, runtime: Path, *, link: bool | None = None, lock_timeout: float = 1800) -> SeedReport:
+    """Fill `runtime` from `baked` (read-only), copying only what is missing; merge the baked manifest's records.
+
+    Safe to call from every rank at once: the first does the work under the lock, the others wait and find nothing
+    left to copy. link=None hard-links when both are on one filesystem.
+    """
+    start = time.monotonic()
+    baked, runtime = Path(baked), Path(runtime)
+    report = SeedReport(str(baked), str(runtime))
+    if not baked.is_dir():
+        report.seconds = round(time.monotonic() - start, 3)
+        return report
+    try:
+        runtime.mkdir(parents=True, exist_ok=True)
+        lock_path = runtime / LOCK_NAME
+        lock_path.touch(exist_ok=True)
+    except OSError as exc:
+        raise SeedError(f"{runtime}: cannot create the run-time cache dir ({exc.strerror})") from None
+    if link is None:
+        link = baked.stat().st_dev == runtime.stat().st_dev
+    with _locked(lock_path, lock_timeout) as waited:
+        report.lock_wait_s = round(waited, 3)
+        _walk(baked, runtime, link, report)
+        baked_manifest = read_manifest(baked)
+        if baked_manifest is not None:
+            current = read_manifest(runtime) or {"compiles": []}
+            known = {c.get("key") for c in current["compiles"]}
+            if report.changed or any(c.get("key") not in known for c in baked_manifest["compiles"]):
+                merge_manifest(runtime, baked_manifest)
+                report.manifest_merged = True
+    report.seconds = round(time.monotonic() - start, 3)
+    return report
