@@ -1,0 +1,284 @@
+"""The srun lines enroot/*.sbatch render (DRY_RUN=1), checked against the pyxis/enroot/HyperPod facts in
+shared/reference/slurm-enroot-pyxis.md, and the input checks of the sbatch scripts and import.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REFERENCE, REPO
+
+ENROOT = REPO / "enroot"
+SCRIPTS = ("train.sbatch", "compile.sbatch")
+BASH = shutil.which("bash") or "/bin/bash"
+
+
+@pytest.fixture(scope="session")
+def pyxis_reference() -> str:
+    path = REFERENCE / "slurm-enroot-pyxis.md"
+    if not path.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must run with shared/ beside the repository")
+        pytest.skip(f"{path} not present in this checkout")
+    return path.read_text(encoding="utf-8")
+
+
+def documented_pyxis_flags(reference: str) -> set[str]:
+    """Every pyxis option the reference's "pyxis options" section names; `--[no-]x` counts as --x and --no-x."""
+    section = reference.split("## pyxis options", 1)[1].split("\n## ", 1)[0]
+    flags: set[str] = set()
+    for match in re.finditer(r"--(\[no-\])?(container-[a-z-]+)", section):
+        flags.add(f"--{match.group(2)}")
+        if match.group(1):
+            flags.add(f"--no-{match.group(2)}")
+    return flags
+
+
+def render(script: str, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the sbatch script as bash with DRY_RUN=1 in a clean env that looks like a 2-node allocation."""
+    fsx, nvme = tmp_path / "fsx", tmp_path / "nvme"
+    fsx.mkdir(exist_ok=True)
+    nvme.mkdir(exist_ok=True)
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DRY_RUN": "1", "FSX": str(fsx), "NVME": str(nvme),
+            "L3HP_HYPERPOD_MARKER": str(tmp_path / "no-sagemaker-cluster"), "SLURM_JOB_ID": "42",
+            "SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path), "L3HP_ENROOT_DIR": str(ENROOT)}
+    return subprocess.run([BASH, str(ENROOT / script), *args], env={**base, **env}, capture_output=True,
+                          text=True, cwd=tmp_path, timeout=30, check=False)
+
+
+def srun_line(script: str, tmp_path: Path, *args: str, **env: str) -> list[str]:
+    result = render(script, tmp_path, *args, **env)
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout)
+    assert argv[0] == "srun"
+    return argv
+
+
+def options(argv: list[str]) -> dict[str, str]:
+    """srun's own --name=value options (those before the program)."""
+    out = {}
+    for arg in argv[1:]:
+        if not arg.startswith("--"):
+            break
+        name, _, value = arg.partition("=")
+        out[name] = value
+    return out
+
+
+def program(argv: list[str]) -> list[str]:
+    return argv[next(i for i, a in enumerate(argv[1:], 1) if not a.startswith("--")):]
+
+
+def sbatch_headers(script: str) -> list[str]:
+    text = (ENROOT / script).read_text(encoding="utf-8")
+    return [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("#SBATCH ")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_pyxis_srun_line_follows_the_reference(script: str, tmp_path: Path, pyxis_reference: str) -> None:
+    argv = srun_line(script, tmp_path, "configs/tiny_cpu.yaml", "trainer.max_steps=5",
+                     IMAGE="/fsx-images/l3.sqsh", NEURON_CC_FLAGS="-O1", OMP_NUM_THREADS="4", UNRELATED="x")
+    opts = options(argv)
+    pyxis = {name for name in opts if "container" in name}
+    assert pyxis <= documented_pyxis_flags(pyxis_reference), pyxis - documented_pyxis_flags(pyxis_reference)
+    # A squashfs path must start with / (or ./): a bare name is pulled from Docker Hub.
+    assert "squashfs path that MUST start with `/`" in pyxis_reference
+    assert opts["--container-image"] == "/fsx-images/l3.sqsh"
+    # The image ENTRYPOINT is not run: the command line calls the program explicitly.
+    assert "--no-container-entrypoint" in opts
+    assert program(argv)[:4] == ["python", "/opt/app/entrypoint.py", script.removesuffix(".sbatch"),
+                                 "configs/tiny_cpu.yaml"]
+    assert opts["--container-workdir"] == "/opt/app"
+    # Shared storage and node-local NVMe at their host paths (SRC:DST).
+    mounts = opts["--container-mounts"].split(",")
+    assert mounts == [f"{tmp_path / 'fsx'}:{tmp_path / 'fsx'}", f"{tmp_path / 'nvme'}:{tmp_path / 'nvme'}"]
+    # The user's tunables reach the program although the image ENV would win over them otherwise.
+    passed = opts["--container-env"].split(",")
+    assert {"NEURON_CC_FLAGS", "OMP_NUM_THREADS"} <= set(passed)
+    assert "UNRELATED" not in passed and "PATH" not in passed
+    assert opts["--container-name"] == "llama3-hyperpod-42"
+    assert "--no-container-mount-home" in opts
+    # One task per node on every node of the allocation; HyperPod's auto-resume only off HyperPod is absent.
+    assert opts["--ntasks-per-node"] == "1" and opts["--nodes"] == "2"
+    assert "--auto-resume" not in opts
+    # Logs per job, restart and node.
+    assert opts["--output"] == f"{tmp_path}/fsx/llama3-hyperpod/runs/slurm-logs/%x-%j-restart0-%N-node%t.log"
+    assert program(argv)[4:] == ["--output-dir", f"{tmp_path}/fsx/llama3-hyperpod/runs", "trainer.max_steps=5",
+                                 f"compiler_cache_url={tmp_path}/fsx/llama3-hyperpod/cache"]
+
+
+def test_auto_resume_only_on_hyperpod(tmp_path: Path, pyxis_reference: str) -> None:
+    assert "`/opt/sagemaker_cluster` exists" in pyxis_reference
+    marker = tmp_path / "sagemaker_cluster"
+    marker.mkdir()
+    opts = options(srun_line("train.sbatch", tmp_path, L3HP_HYPERPOD_MARKER=str(marker),
+                             SLURM_RESTART_COUNT="3", IMAGE="/x.sqsh"))
+    assert opts["--auto-resume"] == "1"
+    assert "-restart3-" in opts["--output"]
+
+
+def test_extra_mounts_and_env_names_are_added(tmp_path: Path) -> None:
+    opts = options(srun_line("train.sbatch", tmp_path, IMAGE="/x.sqsh", CONTAINER_MOUNTS="/data:/data:ro",
+                             CONTAINER_ENV="MY_KNOB"))
+    assert opts["--container-mounts"].endswith(",/data:/data:ro")
+    assert opts["--container-env"].split(",")[-1] == "MY_KNOB"
+
+
+def test_venv_mode_runs_the_same_entrypoint_without_pyxis(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    argv = srun_line("train.sbatch", tmp_path, "configs/tiny_cpu.yaml", CONTAINER="none", VENV=str(venv),
+                     OUTPUT_DIR=str(tmp_path / "out"), BACKEND="torch-cpu", RUN_NAME="r1")
+    opts = options(argv)
+    assert not [name for name in opts if "container" in name]
+    assert opts["--chdir"] == str(REPO)
+    assert program(argv) == [f"{venv}/bin/python", f"{REPO}/entrypoint.py", "train", "configs/tiny_cpu.yaml",
+                             "--output-dir", str(tmp_path / "out"), "--run-name", "r1", "--backend", "torch-cpu",
+                             f"compiler_cache_url={tmp_path}/fsx/llama3-hyperpod/cache"]
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"IMAGE": "images/l3.sqsh"}, "IMAGE=images/l3.sqsh must be an absolute path to a .sqsh file"),
+    ({"IMAGE": "/x.sqsh", "CONTAINER": "docker"}, "CONTAINER=docker must be pyxis or none"),
+    ({"IMAGE": "/x.sqsh", "OUTPUT_DIR": "/elsewhere"}, "OUTPUT_DIR=/elsewhere is not under a container mount"),
+    ({"IMAGE": "/x.sqsh", "OUTPUT_DIR": "runs"}, "OUTPUT_DIR=runs must be an absolute path"),
+    ({"IMAGE": "/x.sqsh", "CACHE_DIR": "cache"}, "CACHE_DIR=cache must be an absolute path"),
+])
+def test_bad_input_is_one_clear_line(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    result = render("train.sbatch", tmp_path, **env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_missing_image_file_is_refused_at_run_time(tmp_path: Path) -> None:
+    result = render("train.sbatch", tmp_path, DRY_RUN="", IMAGE=str(tmp_path / "missing.sqsh"))
+    assert result.returncode == 2
+    assert "does not exist: make it with enroot/import.sh" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cache_for_another_node_count_is_refused(script: str, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"version": 1, "num_nodes": 4}, indent=2), encoding="utf-8")
+    result = render(script, tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache))
+    assert result.returncode == 2
+    assert f"compile cache {cache} was compiled for 4 nodes" in result.stderr
+    assert render(script, tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache), SLURM_JOB_NUM_NODES="4").returncode == 0
+    (cache / "manifest.json").unlink()
+    assert render(script, tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache)).returncode == 0
+
+
+def test_sbatch_headers() -> None:
+    for script in SCRIPTS:
+        headers = sbatch_headers(script)
+        assert {"--ntasks-per-node=1", "--exclusive", "--open-mode=append"} <= set(headers), script
+    train = sbatch_headers("train.sbatch")
+    assert "--requeue" in train
+    assert any(re.fullmatch(r"--signal=USR1@\d+", h) for h in train), train
+
+
+def test_requeue_exit_code_is_defined_once() -> None:
+    """85 = "checkpointed, requeue me": one definition on the Slurm side, which the trainer must match."""
+    texts = {p.name: p.read_text(encoding="utf-8") for p in ENROOT.iterdir() if p.is_file()}
+    assert [name for name, text in texts.items() if "L3HP_EXIT_REQUEUE=" in text] == ["job.sh"]
+    assert re.search(r"^L3HP_EXIT_REQUEUE=85$", texts["job.sh"], re.M)
+    assert not [name for name, text in texts.items() if re.search(r"\b85\b", text) and name != "job.sh"
+                and "L3HP_EXIT_REQUEUE" not in text and name != "README.md"]
+
+
+def test_enroot_conf_has_the_hyperpod_settings(pyxis_reference: str) -> None:
+    settings = {}
+    for line in (ENROOT / "enroot.conf").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split(None, 1)
+            settings[key] = value.strip()
+    assert settings["ENROOT_SQUASH_OPTIONS"] == "-comp lzo -noI -noD -noF -noX -no-duplicates"
+    assert settings["ENROOT_SQUASH_OPTIONS"] in pyxis_reference
+    assert (settings["ENROOT_ROOTFS_WRITABLE"], settings["ENROOT_MOUNT_HOME"], settings["ENROOT_RESTRICT_DEV"]) == (
+        "yes", "no", "no")
+    for key in ("ENROOT_RUNTIME_PATH", "ENROOT_DATA_PATH", "ENROOT_CACHE_PATH"):
+        assert settings[key].startswith("/opt/dlami/nvme/"), key  # node-local NVMe, not the root volume or /fsx
+    assert "$(id -u)" in settings["ENROOT_RUNTIME_PATH"] and "$(id -u)" in settings["ENROOT_DATA_PATH"]
+    assert settings["ENROOT_CONFIG_PATH"] == "${HOME}/enroot"
+
+
+def import_sh(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "FSX": str(tmp_path / "fsx"),
+            "ENROOT_CONFIG_PATH": str(tmp_path / "enroot-config")}
+    return subprocess.run([BASH, str(ENROOT / "import.sh"), *args], env={**base, **env}, capture_output=True,
+                          text=True, cwd=tmp_path, timeout=30, check=False)
+
+
+@pytest.mark.parametrize(("source", "uri", "name"), [
+    ("dockerd://llama3-hyperpod:neuron", "dockerd://llama3-hyperpod:neuron", "llama3-hyperpod-neuron"),
+    ("podman://localhost/llama3-hyperpod:cpu", "podman://localhost/llama3-hyperpod:cpu", "llama3-hyperpod-cpu"),
+    ("123456789012.dkr.ecr.us-west-2.amazonaws.com/l3/train:v1",
+     "docker://123456789012.dkr.ecr.us-west-2.amazonaws.com#l3/train:v1", "train-v1"),
+    ("docker://nvcr.io#nvidia/pytorch:24.01-py3", "docker://nvcr.io#nvidia/pytorch:24.01-py3", "pytorch-24.01-py3"),
+    ("docker://me@registry.example.com/img", "docker://me@registry.example.com#img", "img-latest"),
+])
+def test_import_sources(tmp_path: Path, source: str, uri: str, name: str) -> None:
+    result = import_sh(tmp_path, source, DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines() if not line.startswith("would add")]
+    out = tmp_path / "fsx" / "enroot" / f"{name}.sqsh"
+    assert lines[0][:3] == ["enroot", "import", "--output"] and lines[0][4] == uri
+    assert lines[1] == ["mv", "-f", lines[0][3], str(out)]
+
+
+def test_import_ecr_login_in_enroot_netrc_format(tmp_path: Path, pyxis_reference: str) -> None:
+    result = import_sh(tmp_path, "123456789012.dkr.ecr.eu-west-1.amazonaws.com/l3:neuron", DRY_RUN="1")
+    line = ("machine 123456789012.dkr.ecr.eu-west-1.amazonaws.com login AWS password "
+            "$(aws ecr get-login-password --region eu-west-1)")
+    assert f"would add to {tmp_path}/enroot-config/.credentials: {line}" in result.stdout
+    assert "login AWS password $(aws ecr get-login-password --region <region>)" in pyxis_reference
+    credentials = tmp_path / "enroot-config" / ".credentials"
+    credentials.parent.mkdir()
+    credentials.write_text(line + "\n", encoding="utf-8")
+    assert "would add" not in import_sh(tmp_path, "123456789012.dkr.ecr.eu-west-1.amazonaws.com/l3:neuron",
+                                        DRY_RUN="1").stdout
+
+
+def test_import_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    existing = tmp_path / "l3.sqsh"
+    existing.write_bytes(b"old")
+    result = import_sh(tmp_path, "-o", str(existing), "dockerd://l3:neuron")
+    assert result.returncode == 2
+    assert result.stderr == f"error: {existing} exists: pass --force to replace it " \
+                            "(running jobs keep the old file open and are not disturbed)\n"
+    assert import_sh(tmp_path, "--force", "-o", str(existing), "dockerd://l3:neuron", DRY_RUN="1").returncode == 0
+    assert existing.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "no SOURCE given"),
+    (("ftp://x/y",), "unsupported SOURCE scheme"),
+    (("-o", "x.tar", "dockerd://a"), "must end in .sqsh"),
+    (("--bogus", "dockerd://a"), "unknown option --bogus"),
+    (("dockerd://a", "dockerd://b"), "one SOURCE only"),
+])
+def test_import_bad_input(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    result = import_sh(tmp_path, *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+
+
+def test_import_without_enroot_says_so(tmp_path: Path) -> None:
+    """A PATH with the tools import.sh needs but no enroot (whatever this machine has installed)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sed", "grep", "tail", "mkdir", "dirname", "rm", "mv"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    result = import_sh(tmp_path, "dockerd://a:b", PATH=str(bin_dir))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: enroot is not installed on this node"), result.stderr
