@@ -40,10 +40,6 @@ def entry(root: Path, name: str, *, version_dir: str = VDIR, neff: bytes | None 
     return d
 
 
-def states(root: Path, **kw: str) -> dict[str, str]:
-    return {e.name: e.state for e in inspect_cache(root, **kw).neuron}
-
-
 def test_complete_cache_has_no_problems(tmp_path: Path) -> None:
     entry(tmp_path, "MODULE_1+aa")
     entry(tmp_path, "MODULE_2+aa", log=True)
