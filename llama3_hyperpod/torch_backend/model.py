@@ -43,7 +43,7 @@ class LlamaArgs:
         """Accept both the classic (rope_theta + rope_scaling) and transformers 5 (rope_parameters) spellings."""
         rope = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
         return cls(
             hidden_size=int(hf["hidden_size"]),
             intermediate_size=int(hf["intermediate_size"]),
@@ -167,6 +167,9 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args

@@ -154,8 +154,9 @@ def loss_context(d: Dist) -> contextlib.AbstractContextManager[None]:
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """Skip FSDP's reduce-scatter on all but the last micro-batch of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is not None:
+        setter(enabled)
 
 
 def _grads(model: nn.Module) -> Iterator[torch.Tensor]:

@@ -165,7 +165,7 @@ def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "c
                     logits = model(tokens)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE_INDEX)
                 (loss / rc.grad_accum_steps).backward()
-            loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
+            loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()  # type: ignore[attr-defined]
         grad_norm = parallel.clip_grad_norm(model, cfg.trainer.gradient_clip_val)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from llama3_hyperpod.torch_backend.model import (
     to_hf_state_dict,
 )
 
-HF_SMALL = {
+HF_SMALL: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "hidden_size": 64,
     "intermediate_size": 160,
@@ -30,7 +31,7 @@ HF_SMALL = {
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
-LLAMA31_SCALING = {
+LLAMA31_SCALING: dict[str, Any] = {
     "rope_type": "llama3",
     "factor": 8.0,
     "low_freq_factor": 1.0,
@@ -41,7 +42,7 @@ LLAMA31_SCALING = {
 
 @pytest.mark.parametrize("scaling", [None, LLAMA31_SCALING], ids=["plain", "llama3.1-scaling"])
 def test_logits_match_transformers(scaling: dict | None) -> None:
-    hf_cfg = dict(HF_SMALL, rope_scaling=scaling)
+    hf_cfg: dict[str, Any] = dict(HF_SMALL, rope_scaling=scaling)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
     ours = Llama(LlamaArgs.from_hf(hf_cfg)).eval()

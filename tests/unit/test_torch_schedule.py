@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from llama3_hyperpod.torch_backend.schedule import build_scheduler, lr_at
 
 
 def test_linear_annealing_with_warmup_values() -> None:
-    kw = {"lr": 1.0, "warmup_steps": 10, "max_steps": 110}
+    kw: dict[str, Any] = {"lr": 1.0, "warmup_steps": 10, "max_steps": 110}
     assert [lr_at("LinearAnnealingWithWarmUp", s, **kw) for s in (0, 5, 10, 60, 110, 200)] == [
         0.0,
         0.5,
@@ -23,7 +24,7 @@ def test_linear_annealing_with_warmup_values() -> None:
 
 
 def test_cosine_annealing_values() -> None:
-    kw = {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr": 0.1}
+    kw: dict[str, Any] = {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr": 0.1}
     assert lr_at("CosineAnnealing", 0, **kw) == 0.0
     assert lr_at("CosineAnnealing", 5, **kw) == 0.5
     assert lr_at("CosineAnnealing", 10, **kw) == 1.0
@@ -33,7 +34,7 @@ def test_cosine_annealing_values() -> None:
 
 
 def test_cosine_annealing_holds_min_lr_for_constant_steps() -> None:
-    kw = {"lr": 1.0, "warmup_steps": 0, "max_steps": 100, "min_lr": 0.0, "constant_steps": 50}
+    kw: dict[str, Any] = {"lr": 1.0, "warmup_steps": 0, "max_steps": 100, "min_lr": 0.0, "constant_steps": 50}
     assert lr_at("CosineAnnealing", 0, **kw) == 1.0
     assert math.isclose(lr_at("CosineAnnealing", 25, **kw), 0.5)
     assert lr_at("CosineAnnealing", 51, **kw) == 0.0
