@@ -16,23 +16,30 @@ l3hp_die() {
   exit 2
 }
 
-# num_nodes from <cache>/manifest.json, empty when there is no manifest (read without python: the login/batch
-# host may not have one). The full manifest format belongs to the cache module; only this key is relied on.
+# The node counts <cache>/manifest.json says the cache was compiled for (sorted, one per line; nothing when there is
+# no manifest). Read without python (the batch host may not have one): the cache module's records carry
+# "layout.num_nodes" in each compile record's graph fields; a bare top-level "num_nodes" is accepted too.
 l3hp_manifest_nodes() {
   local manifest=$1/manifest.json
   [[ -f $manifest ]] || return 0
-  tr -d '\n' < "$manifest" | sed -n 's/.*"num_nodes"[[:space:]]*:[[:space:]]*\([0-9][0-9]*\).*/\1/p'
+  grep -oE '"(layout\.)?num_nodes"[[:space:]]*:[[:space:]]*[0-9]+' "$manifest" | grep -oE '[0-9]+$' | sort -un \
+    || true
 }
 
-# A compiled-graph cache is only valid for the node count it was compiled for (the data-parallel degree is part
-# of every graph): refuse to start rather than recompile for hours or mix caches.
+# A compiled-graph cache holds graphs for the node counts it was compiled for (the data-parallel degree is part
+# of every graph). Training on another count would recompile for hours on every node: refuse before srun.
+# Compiling for a new count adds graphs beside the others (a cache may hold several), so compile only says so.
 l3hp_check_cache_nodes() {
-  local cache=$1 nodes=$2 cached
+  local cache=$1 nodes=$2 mode=$3 cached
   [[ -n $cache ]] || return 0
-  cached=$(l3hp_manifest_nodes "$cache")
-  [[ -z $cached || $cached == "$nodes" ]] && return 0
-  l3hp_die "compile cache $cache was compiled for $cached nodes (num_nodes in $cache/manifest.json) but this job" \
-    "has $nodes: submit with -N $cached, or point CACHE_DIR at another cache and run compile.sbatch with -N $nodes"
+  cached=$(l3hp_manifest_nodes "$cache" | paste -sd, -)
+  [[ -z $cached || ,$cached, == *,"$nodes",* ]] && return 0
+  if [[ $mode == compile ]]; then
+    echo "note: compile cache $cache holds graphs for $cached nodes; adding graphs for $nodes nodes" >&2
+    return 0
+  fi
+  l3hp_die "compile cache $cache was compiled for $cached nodes (layout.num_nodes in $cache/manifest.json) but" \
+    "this job has $nodes: submit with -N ${cached%%,*}, or run compile.sbatch with -N $nodes first"
 }
 
 # Comma-separated names of the exported environment variables that must reach the program in the container.
@@ -156,7 +163,7 @@ l3hp_job() {
   [[ -n ${BACKEND:-} ]] && cli+=(--backend "$BACKEND")
   cli+=("${overrides[@]}")
 
-  l3hp_check_cache_nodes "${CACHE_DIR:-}" "$nodes"
+  l3hp_check_cache_nodes "${CACHE_DIR:-}" "$nodes" "$mode"
   local line
   line=$(printf '%q ' "${srun_args[@]}" "${cli[@]}")
   if [[ -n ${DRY_RUN:-} ]]; then

@@ -153,19 +153,20 @@ def test_two_nodes_train_like_one_node_with_the_same_global_batch(slurm: Cluster
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
 
 
-def test_compile_refuses_a_cache_made_for_another_node_count(slurm: Cluster, tmp_path: Path) -> None:
-    """The compile cache is valid for one node count: a 2-node job stops with a clear error on a 1-node cache."""
+def test_train_refuses_a_cache_compiled_for_another_node_count(slurm: Cluster, tmp_path: Path) -> None:
+    """A compile cache holds graphs for the node counts it was compiled for: a 2-node training job on a cache
+    compiled for 1 node stops with one clear line before any step starts."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "manifest.json").write_text(json.dumps({"num_nodes": 1, "other": "fields"}), encoding="utf-8")
+    (cache / "manifest.json").write_text(json.dumps({"compiles": [{"graph": {"layout.num_nodes": 1}}]}),
+                                         encoding="utf-8")
     out = tmp_path / "runs"
-    log = tmp_path / "compile-%j.out"
-    job = slurm.sbatch("enroot/compile.sbatch", *TINY, nodes=2, log=log,
-                       env=job_env(out, CACHE_DIR=str(cache)))
-    batch_log = tmp_path / f"compile-{job}.out"
+    log = tmp_path / "train-%j.out"
+    job = slurm.sbatch("enroot/train.sbatch", *TINY, nodes=2, log=log, env=job_env(out, CACHE_DIR=str(cache)))
+    batch_log = tmp_path / f"train-{job}.out"
     state, code = slurm.wait(job, batch_log, timeout=60)
     text = _read(batch_log)
     assert (state, code) == ("FAILED", "2:0"), text
-    assert f"compile cache {cache} was compiled for 1 nodes" in text
+    assert f"error: compile cache {cache} was compiled for 1 nodes" in text
     assert "submit with -N 1" in text
     assert not (out / "slurm-logs").exists(), "no step may start"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REFERENCE, REPO
+from tests.conftest import CONFIG_TINY, REFERENCE, REPO
 
 ENROOT = REPO / "enroot"
 SCRIPTS = ("train.sbatch", "compile.sbatch")
@@ -163,17 +163,42 @@ def test_missing_image_file_is_refused_at_run_time(tmp_path: Path) -> None:
     assert "does not exist: make it with enroot/import.sh" in result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_cache_for_another_node_count_is_refused(script: str, tmp_path: Path) -> None:
+def write_cache_manifest(cache: Path, *node_counts: int) -> None:
+    """A manifest as `compile` writes it (llama3_hyperpod.cache.manifest), one record per node count."""
+    from llama3_hyperpod.cache.manifest import graph_fields_from_config, make_record, update_manifest
+    from llama3_hyperpod.config import load_config
+
+    for nodes in node_counts:
+        rc = load_config(CONFIG_TINY, ("data.micro_batch_size=1",), num_nodes=nodes)
+        fields = graph_fields_from_config(rc, backend="torch", device="cpu", threads=1, cc_flags=None)
+        update_manifest(cache, make_record(fields, {}, cache, created="2026-01-01T00:00:00+00:00",
+                                           compile_seconds=None, config_path=str(CONFIG_TINY), overrides=[]))
+
+
+def test_train_refuses_a_cache_compiled_for_other_node_counts(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    write_cache_manifest(cache, 4, 1)
+    result = render("train.sbatch", tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache))
+    assert result.returncode == 2
+    assert result.stderr == (f"error: compile cache {cache} was compiled for 1,4 nodes (layout.num_nodes in "
+                             f"{cache}/manifest.json) but this job has 2: submit with -N 1, or run compile.sbatch "
+                             "with -N 2 first\n")
+    assert render("train.sbatch", tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache),
+                  SLURM_JOB_NUM_NODES="4").returncode == 0
+    # compile adds graphs for another node count beside the others, and says so.
+    compiled = render("compile.sbatch", tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache))
+    assert compiled.returncode == 0
+    assert "holds graphs for 1,4 nodes; adding graphs for 2 nodes" in compiled.stderr
+
+
+@pytest.mark.parametrize(("manifest", "ok"), [(None, True), ({"num_nodes": 2}, True), ({"num_nodes": 3}, False),
+                                              ({"compiles": []}, True)])
+def test_minimal_manifest_and_no_manifest(tmp_path: Path, manifest: dict[str, object] | None, ok: bool) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "manifest.json").write_text(json.dumps({"version": 1, "num_nodes": 4}, indent=2), encoding="utf-8")
-    result = render(script, tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache))
-    assert result.returncode == 2
-    assert f"compile cache {cache} was compiled for 4 nodes" in result.stderr
-    assert render(script, tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache), SLURM_JOB_NUM_NODES="4").returncode == 0
-    (cache / "manifest.json").unlink()
-    assert render(script, tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache)).returncode == 0
+    if manifest is not None:
+        (cache / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    assert (render("train.sbatch", tmp_path, IMAGE="/x.sqsh", CACHE_DIR=str(cache)).returncode == 0) is ok
 
 
 def test_sbatch_headers() -> None:
