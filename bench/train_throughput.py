@@ -49,7 +49,7 @@ def baseline(dataset: Any, steps: int, lr: float) -> list[float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**HF, attn_implementation="sdpa")).train()
+    model = LlamaForCausalLM(LlamaConfig(**HF)).train()  # transformers 5 defaults to SDPA attention
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     batches = Batches(dataset, SEQ, MICRO, dp=1, dp_rank=0, grad_accum_steps=1)
     times = []
