@@ -4,6 +4,7 @@
 # distinct ports, all reached at 127.0.0.1; the node names are aliased to 127.0.0.1 in /etc/hosts because the
 # training entrypoint uses the first node name as the torchrun master address.
 #
+#   scripts/ci/setup_slurm.sh install only install slurm-wlm + munge when missing (CI can do it up front)
 #   scripts/ci/setup_slurm.sh up      install if missing, start munged + slurmctld + N slurmd (idempotent)
 #   scripts/ci/setup_slurm.sh down    stop everything `up` started, remove the /etc/hosts aliases and the state dir
 #   scripts/ci/setup_slurm.sh status  exit 0 when the cluster answers and every node is usable
@@ -189,8 +190,9 @@ stop() {
 }
 
 case ${1:-up} in
+  install) install_packages ;;
   up) start ;;
   down) stop ;;
   status) cluster_ok ;;
-  *) die "usage: $0 up|down|status" ;;
+  *) die "usage: $0 install|up|down|status" ;;
 esac
