@@ -57,8 +57,12 @@ def _worker(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
                   torch.nn.Parameter(torch.randn(hidden, inter, generator=gen) * 0.02),
                   torch.nn.Parameter(torch.randn(inter, hidden, generator=gen) * 0.02)]
         opt = torch.optim.AdamW(params, lr=v["lr"], betas=tuple(v["betas"]), weight_decay=v["weight_decay"])
-        warmup = max(1, v["warmup"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, w=warmup: min(1.0, (s + 1) / w))
+        warmup: int = max(1, v["warmup"])
+
+        def factor(step: int, w: int = warmup) -> float:
+            return min(1.0, (step + 1) / w)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         compiled = torch.compile(block)
         for _ in range(min(v["max_steps"], STEPS_CAP)):
             x = torch.randn(v["micro_batch"], v["seq_len"], hidden, generator=gen)
