@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,10 +15,10 @@ import click
 
 from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
 from llama3_hyperpod.config import ConfigError
+from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
 from llama3_hyperpod.plan import Plan, build_plan
 
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_BAD_INPUT = 2
 
 
 def fail(key: str, message: str) -> None:
@@ -133,9 +135,39 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
     run_dir = Path(result.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"plan-{mode}-node{result.cluster['node_rank']}.json").write_text(json.dumps(result.to_dict(), indent=2))
+    cache_is_local = not result.compile_cache_dir.startswith("s3://")
+    if cache_is_local:
+        seed_baked_cache(Path(result.compile_cache_dir))
+    if mode == "train":
+        from llama3_hyperpod.cache.verify import verify
+
+        verdict = verify(result)
+        if verdict.status in ("miss", "unknown"):
+            click.echo(f"warning: {verdict.message()}", err=True)
+    from llama3_hyperpod.exitcodes import REQUEUE_MARKER
     from llama3_hyperpod.launch import run
 
-    sys.exit(run(launch, result.rlimits))
+    start = time.monotonic()
+    code = run(launch, result.rlimits, requeue_marker=run_dir / REQUEUE_MARKER)
+    if mode == "compile" and code == 0 and cache_is_local:
+        from llama3_hyperpod.cache.manifest import write_manifest
+
+        written = write_manifest(result.compile_cache_dir, result, compile_seconds=time.monotonic() - start)
+        click.echo(f"compile: cache manifest {written}", err=True)
+    sys.exit(code)
+
+
+def seed_baked_cache(runtime: Path) -> None:
+    """Make the image's read-only baked cache available in the writable run-time cache dir (copies what is missing)."""
+    from llama3_hyperpod.cache.seed import DEFAULT_BAKED_DIR, ENV_BAKED_DIR, seed_cache
+
+    baked = Path(os.environ.get(ENV_BAKED_DIR, DEFAULT_BAKED_DIR))
+    if baked.resolve() == runtime.resolve():
+        raise ConfigError("compiler_cache_url", f"{runtime} is the image's read-only baked cache; point "
+                          "compiler_cache_url (or L3HP_CACHE_DIR) at a writable dir, it is seeded from there")
+    report = seed_cache(baked, runtime)
+    if report.changed:
+        click.echo(f"cache: seeded {runtime} from {baked} ({report.seconds:.1f} s)", err=True)
 
 
 @main.command(name="compile")
@@ -163,9 +195,14 @@ def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str 
 
 def _register_command_groups() -> None:
     """Commands that live beside their code; their modules import heavy libraries only when a command runs."""
+    from llama3_hyperpod.cache.commands import cache
     from llama3_hyperpod.data.commands import data
+    from llama3_hyperpod.torch_backend.commands import report, smoke
 
+    main.add_command(cache)
     main.add_command(data)
+    main.add_command(smoke)
+    main.add_command(report)
 
 
 _register_command_groups()

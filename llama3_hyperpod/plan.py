@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llama3_hyperpod.cache.seed import runtime_cache_dir
 from llama3_hyperpod.cluster import Accelerator, Cluster, cluster_from_env
 from llama3_hyperpod.config import PATH_KEYS, ConfigError, RunConfig, load_config
 from llama3_hyperpod.data.default import default_name
@@ -128,7 +129,7 @@ def build_plan(
             and not Path(train_dir).is_dir():
         raise ConfigError("data.train_dir", f"{train_dir} is not a directory")
 
-    cache_dir = str(rc.cfg.compiler_cache_url)
+    cache_dir = runtime_cache_dir(str(rc.cfg.compiler_cache_url), env)
     mem = estimate_memory(rc, accelerator.backend, accelerator.device, _device_budget(rc, accelerator))
     if mem.device_memory and mem.total > MEMORY_WARN_FRACTION * mem.device_memory:
         warnings.append(
@@ -147,10 +148,10 @@ def build_plan(
 
     overrides_out = _launch_overrides(rc, cluster, run_dir if not explicit else None, train_dir)
     if accelerator.backend == "neuron":
-        commands, cc_flags = _neuron_commands(rc, cluster, env, overrides_out, nxdt_examples, warnings)
+        commands, cc_flags = _neuron_commands(rc, cluster, env, overrides_out, nxdt_examples, cache_dir, warnings)
         peak: float | None = NEURON_PEAK_BF16_FLOPS
     else:
-        commands = _torch_commands(rc, cluster, accelerator, env, overrides_out, run_dir, python)
+        commands = _torch_commands(rc, cluster, accelerator, env, overrides_out, run_dir, python, cache_dir)
         cc_flags = None
         peak = rc.cfg.torch_backend.peak_tflops * 1e12 if rc.cfg.torch_backend.peak_tflops else None
 
@@ -271,7 +272,7 @@ def _set_if_unset(wanted: dict[str, str], env: Mapping[str, str]) -> tuple[dict[
     return added, kept
 
 
-def neuron_env(rc: RunConfig) -> dict[str, str]:
+def neuron_env(rc: RunConfig, cache_dir: str) -> dict[str, str]:
     """The env NxDT's launch scripts and orchestrator establish (shared/reference/neuron-nxdt.md)."""
     cfg = rc.cfg
     wanted = {
@@ -281,7 +282,7 @@ def neuron_env(rc: RunConfig) -> dict[str, str]:
         "XLA_DISABLE_FUNCTIONALIZATION": "0",
         "HYDRA_FULL_ERROR": "1",
         "MALLOC_ARENA_MAX": "64",
-        "NEURON_COMPILE_CACHE_URL": str(cfg.compiler_cache_url),
+        "NEURON_COMPILE_CACHE_URL": cache_dir,
         "NEURON_FUSE_SOFTMAX": "1" if cfg.model.fusions.softmax else "0",
         "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": str(cfg.aync_exec_max_inflight_requests),
         "BUCKET_CAP_MB": str(cfg.bucket_size_collectives),
@@ -307,6 +308,7 @@ def _neuron_commands(
     env: Mapping[str, str],
     overrides: list[str],
     nxdt_examples: str | None,
+    cache_dir: str,
     warnings: list[str],
 ) -> tuple[dict[str, Launch], str]:
     examples = nxdt_examples or env.get("NXDT_EXAMPLES_DIR") or DEFAULT_NXDT_EXAMPLES
@@ -317,7 +319,7 @@ def _neuron_commands(
         f"--config-name={rc.path.stem}",
         *overrides,
     ]
-    added, kept = _set_if_unset(neuron_env(rc), env)
+    added, kept = _set_if_unset(neuron_env(rc, cache_dir), env)
     # The orchestrator appends compiler_flags (and the mixed-precision accumulation flag) to NEURON_CC_FLAGS itself;
     # we show the result rather than set it, so the flags are not doubled.
     cc_flags = " ".join(filter(None, [env.get("NEURON_CC_FLAGS", ""), str(rc.cfg.compiler_flags)]))
@@ -326,9 +328,9 @@ def _neuron_commands(
     if "--cache_dir" in env.get("NEURON_CC_FLAGS", ""):
         warnings.append("NEURON_CC_FLAGS sets --cache_dir, which wins over compiler_cache_url: "
                         "the baked compile cache will not be used unless they agree")
-    if "NEURON_COMPILE_CACHE_URL" in kept and kept["NEURON_COMPILE_CACHE_URL"] != str(rc.cfg.compiler_cache_url):
-        warnings.append(f"NEURON_COMPILE_CACHE_URL={kept['NEURON_COMPILE_CACHE_URL']} (yours) differs from "
-                        f"compiler_cache_url={rc.cfg.compiler_cache_url}: graphs will be cached in yours")
+    if "NEURON_COMPILE_CACHE_URL" in kept and kept["NEURON_COMPILE_CACHE_URL"] != cache_dir:
+        warnings.append(f"NEURON_COMPILE_CACHE_URL={kept['NEURON_COMPILE_CACHE_URL']} (yours) differs from the "
+                        f"planned cache {cache_dir}: graphs will be cached in yours")
     cwd = examples
     return {
         "compile": Launch(["neuron_parallel_compile", *train_argv], added, kept, cwd),
@@ -344,11 +346,12 @@ def _torch_commands(
     overrides: list[str],
     run_dir: str,
     python: str,
+    cache_dir: str,
 ) -> dict[str, Launch]:
     cpus = os.cpu_count() or 1
     wanted = {"OMP_NUM_THREADS": str(max(1, cpus // rc.layout.devices_per_node))}
-    if not str(rc.cfg.compiler_cache_url).startswith("s3://"):
-        wanted["TORCHINDUCTOR_CACHE_DIR"] = str(Path(rc.cfg.compiler_cache_url) / "inductor")
+    if not cache_dir.startswith("s3://"):
+        wanted["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
     added, kept = _set_if_unset(wanted, env)
 
     def argv(mode: str) -> list[str]:

@@ -10,23 +10,26 @@ import textwrap
 import time
 from pathlib import Path
 
+from llama3_hyperpod.exitcodes import EXIT_REQUEUE
 from llama3_hyperpod.launch import run
 from llama3_hyperpod.plan import Launch
 from tests.conftest import REPO
 
-CHILD = textwrap.dedent("""
-    import os, signal, subprocess, sys, time
-    # a grandchild in the same process group, like torchrun's workers
-    worker = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\\n"
-        "signal.signal(signal.SIGUSR1, lambda *a: (open(sys.argv[1], 'w').write('worker'), sys.exit(0)))\\n"
-        "time.sleep(60)", sys.argv[1] + ".worker"])
-    def on_usr1(*_):
-        worker.wait()
-        open(sys.argv[1], "w").write(os.environ["MARK"])
-        sys.exit(17)
-    signal.signal(signal.SIGUSR1, on_usr1)
-    open(sys.argv[1] + ".ready", "w").close()
-    time.sleep(60)
+# Shaped like torchrun: a parent that would die of SIGUSR1 (it installs no handler) runs a worker that handles it,
+# checkpoints (here: writes files), leaves the requeue marker and exits 85, which the parent turns into 1.
+TORCHRUN_LIKE = textwrap.dedent("""
+    import subprocess, sys
+    mark, marker = sys.argv[1], sys.argv[2]
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys, time\\n"
+        "def on_usr1(*_):\\n"
+        "    open(sys.argv[1], 'w').write(os.environ['MARK'])\\n"
+        "    open(sys.argv[2], 'w').close()\\n"
+        "    sys.exit(85)\\n"
+        "signal.signal(signal.SIGUSR1, on_usr1)\\n"
+        "open(sys.argv[1] + '.ready', 'w').close()\\n"
+        "time.sleep(60)\\n"), mark, marker])
+    sys.exit(1 if worker.wait() != 0 else 0)
 """)
 
 
@@ -60,25 +63,44 @@ def test_missing_program_is_a_clear_error(tmp_path: Path, capsys: object) -> Non
     assert run(Launch(["neuron_parallel_compile_not_here"], {}, {}, str(tmp_path))) == 127
 
 
-def test_signal_forwarded_through_the_cli_process(tmp_path: Path) -> None:
-    """A real `python -c` parent running launch.run; SIGUSR1 to it reaches the child and its worker."""
-    mark = tmp_path / "mark"
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
+def test_usr1_reaches_the_worker_and_requeue_code_survives_torchrun(tmp_path: Path) -> None:
+    """A real parent process running launch.run gets SIGUSR1 (as from Slurm's --signal): the torchrun-like child
+    survives it, the worker checkpoints and asks for a requeue, and the launcher exits 85 although the child said 1."""
+    mark, marker = tmp_path / "mark", tmp_path / ".requeue"
+    script = tmp_path / "torchrun_like.py"
+    script.write_text(TORCHRUN_LIKE)
     driver = textwrap.dedent(f"""
         import sys
+        from pathlib import Path
         from llama3_hyperpod.launch import run
         from llama3_hyperpod.plan import Launch
-        sys.exit(run(Launch([sys.executable, {str(script)!r}, {str(mark)!r}], {{"MARK": "forwarded"}}, {{}},
-                            {str(tmp_path)!r})))
+        launch = Launch([sys.executable, {str(script)!r}, {str(mark)!r}, {str(marker)!r}], {{"MARK": "forwarded"}},
+                        {{}}, {str(tmp_path)!r})
+        sys.exit(run(launch, requeue_marker=Path({str(marker)!r})))
     """)
     parent = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, stderr=subprocess.PIPE, text=True)
     wait_for(Path(f"{mark}.ready"))
     parent.send_signal(signal.SIGUSR1)
-    assert parent.wait(timeout=30) == 17
+    assert parent.wait(timeout=30) == EXIT_REQUEUE
     assert mark.read_text() == "forwarded"
-    assert Path(f"{mark}.worker").read_text() == "worker"
-    assert parent.stderr is not None and "+ MARK=forwarded" in parent.stderr.read()
+    assert not marker.exists()  # consumed, so a later attempt starts clean
+    assert parent.stderr is not None and "asks for a requeue" in parent.stderr.read()
+
+
+def test_term_reaches_the_worker_and_its_exit_code_passes_through(tmp_path: Path) -> None:
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+            "open(sys.argv[1], 'w').close(); time.sleep(60)")
+    ready = tmp_path / "ready"
+    driver = textwrap.dedent(f"""
+        import sys
+        from llama3_hyperpod.launch import run
+        from llama3_hyperpod.plan import Launch
+        sys.exit(run(Launch([sys.executable, "-c", {code!r}, {str(ready)!r}], {{}}, {{}}, {str(tmp_path)!r})))
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO, stderr=subprocess.DEVNULL)
+    wait_for(ready)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 7
 
 
 def test_cli_train_passes_exit_code_of_the_neuron_launch(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def test_env_values_match_reference(neuron_reference: str) -> None:
             continue
         assert env.get(name) == value, name
     assert env["MALLOC_ARENA_MAX"] in ("64", "128")
-    assert env["NEURON_COMPILE_CACHE_URL"] == "/opt/app/neuron_cache"
+    assert env["NEURON_COMPILE_CACHE_URL"] == "/var/tmp/neuron-compile-cache"
     assert env["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "5"  # NxDT default
     assert env["BUCKET_CAP_MB"] == "1024" and env["NEURON_RT_EXEC_TIMEOUT"] == "100"
     assert "NEURON_CC_FLAGS" not in env  # the orchestrator appends compiler_flags itself
