@@ -131,8 +131,10 @@ ENV PATH=/opt/venv/bin:/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin
     PYTHONUNBUFFERED=1
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The project's locked dependencies (hash-checked). WHEELHOUSE: a directory inside the build context with the lock's
+# The project's locked dependencies (hash-checked). WHEELHOUSE: a directory inside the build context holding the lock's
 # wheels -> offline install (--no-index); the default (versions/, which holds no wheels) installs from the index.
+# The wheelhouse is bind-mounted, never a layer. (Docker Engine's classic builder, which the Docker API drives, has no
+# RUN --mount: build.sh rewrites this step to COPY + RUN for it; BuildKit and buildah/podman use it as written.)
 # hadolint ignore=DL3006
 FROM sdk-${FLAVOR} AS deps
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -163,7 +165,10 @@ COPY enroot/ /opt/app/enroot/
 COPY llama3_hyperpod/ /opt/app/llama3_hyperpod/
 COPY entrypoint.py /opt/app/entrypoint.py
 RUN python -m compileall -q --invalidation-mode unchecked-hash /opt/app/entrypoint.py /opt/app/llama3_hyperpod
-ARG FLAVOR=neuron GIT_COMMIT=unknown CACHE_MANIFEST_SHA256=unknown LOCK_SHA256=unknown
+ARG FLAVOR=neuron
+ARG GIT_COMMIT=unknown
+ARG CACHE_MANIFEST_SHA256=unknown
+ARG LOCK_SHA256=unknown
 LABEL io.llama3-hyperpod.flavor="${FLAVOR}" \
       io.llama3-hyperpod.cache-manifest-sha256="${CACHE_MANIFEST_SHA256}" \
       io.llama3-hyperpod.lock-sha256="${LOCK_SHA256}" \

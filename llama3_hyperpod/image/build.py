@@ -48,6 +48,7 @@ class BuildRequest:
     sqsh: Path | None = None
     docker_host: str | None = None
     no_cache: bool = False
+    classic: bool = False
     network: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -136,7 +137,8 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
     if ns.push and "/" not in tag.split(":")[0]:
         raise UsageError(f"--push: tag {tag!r} names no registry (e.g. ACCOUNT.dkr.ecr.REGION.amazonaws.com/repo:tag)")
     return BuildRequest(context=context, flavor=ns.flavor, tag=tag, build_args=args, push=ns.push, sqsh=sqsh,
-                        docker_host=ns.docker_host, no_cache=ns.no_cache, network=ns.network)
+                        docker_host=ns.docker_host, no_cache=ns.no_cache, classic=ns.classic_builder,
+                        network=ns.network)
 
 
 def connect(docker_host: str | None) -> Any:
@@ -159,13 +161,43 @@ def engine_name(client: Any) -> str:
     return "podman" if any("podman" in str(c.get("Name", "")).lower() for c in components) else "docker"
 
 
-def stream_build(client: Any, req: BuildRequest, emit: Callable[[str], None]) -> str:
+def flavor_dockerfile(text: str, flavor: str, *, classic: bool = False) -> str:
+    """The Dockerfile with the other flavors' SDK stages left out and `sdk-${FLAVOR}` resolved.
+
+    BuildKit and buildah skip stages the target does not need, but Docker Engine's classic builder (the one the
+    Docker API and SDK drive) builds every stage: without this a cpu build would also build the Neuron SDK.
+    `classic` also turns `RUN --mount=type=bind,source=X,target=Y` (which that builder lacks) into COPY X Y + RUN;
+    the wheelhouse then stays in a layer of the image, the price of building through Docker Engine's API.
+    """
+    out: list[str] = []
+    skipping = False
+    for line in text.splitlines(keepends=True):
+        match = re.match(r"^FROM\s+\S+\s+AS\s+sdk-(\w+)\s*$", line, flags=re.IGNORECASE)
+        if line.upper().startswith("FROM "):
+            skipping = match is not None and match.group(1) != flavor
+        if skipping:
+            continue
+        mount = re.match(r"^RUN --mount=type=bind,source=(\S+?),target=(\S+)\s+(.*)$", line, flags=re.DOTALL)
+        if classic and mount:
+            out.append(f"COPY {mount.group(1)}/ {mount.group(2)}/\nRUN {mount.group(3)}")
+            continue
+        out.append(line.replace("sdk-${FLAVOR}", f"sdk-{flavor}"))
+    return "".join(out)
+
+
+def stream_build(client: Any, req: BuildRequest, emit: Callable[[str], None], *, classic: bool = False) -> str:
     """Run the build, streaming its log with elapsed time on each step; return the image id."""
     start = time.monotonic()
     image_id = ""
+    # Written under build/ (git-ignored) inside the context: the SDK always sends the named Dockerfile, whatever
+    # .dockerignore says (one outside the context gets a random name in the tar, which podman 4.3 rejects).
+    dockerfile = req.context / "build" / f"Dockerfile.{req.flavor}"
+    dockerfile.parent.mkdir(parents=True, exist_ok=True)
+    dockerfile.write_text(flavor_dockerfile((req.context / "Dockerfile").read_text(), req.flavor, classic=classic))
     chunks: Iterator[dict[str, Any]] = client.api.build(
-        path=str(req.context), tag=req.tag, buildargs=req.build_args, decode=True, rm=True, forcerm=True,
-        pull=False, nocache=req.no_cache, network_mode=req.network, labels=req.labels or None)
+        path=str(req.context), dockerfile=dockerfile.relative_to(req.context).as_posix(), tag=req.tag,
+        buildargs=req.build_args, decode=True, rm=True, forcerm=True, pull=False, nocache=req.no_cache,
+        network_mode=req.network, labels=req.labels or None)
     for chunk in chunks:
         if "error" in chunk or "errorDetail" in chunk:
             detail = chunk.get("error") or chunk.get("errorDetail", {}).get("message", "")
@@ -233,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--build-arg", action="append", metavar="NAME=VALUE", help="extra build arg (repeatable)")
     p.add_argument("--network", help="network mode for RUN steps (e.g. none, host)")
     p.add_argument("--no-cache", action="store_true", help="rebuild every layer")
+    p.add_argument("--classic-builder", action="store_true",
+                   help="use the Dockerfile form for Docker Engine's classic builder (automatic with Docker Engine)")
     p.add_argument("--context", default=str(REPO_ROOT), help=argparse.SUPPRESS)
     return p
 
@@ -241,11 +275,12 @@ def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print)
     try:
         req = make_request(parser().parse_args(list(argv) if argv is not None else None))
         client = connect(req.docker_host)
-        stream_build(client, req, emit)
+        engine = engine_name(client)
+        stream_build(client, req, emit, classic=req.classic or engine == "docker")
         if req.push:
             push(client, req.tag, emit)
         if req.sqsh is not None:
-            enroot_import(engine_name(client), req.tag, req.sqsh, emit)
+            enroot_import(engine, req.tag, req.sqsh, emit)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -108,6 +108,23 @@ def test_dockerfile_shape() -> None:
     assert env_names == {"PATH", "LD_LIBRARY_PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}, env_names
 
 
+@pytest.mark.parametrize("classic", [False, True])
+@pytest.mark.parametrize("flavor", ["neuron", "cpu", "cuda"])
+def test_flavor_dockerfile_keeps_one_sdk_stage(flavor: str, classic: bool) -> None:
+    """The classic builder builds every stage and has no RUN --mount: the tool hands it a Dockerfile without both."""
+    text = DOCKERFILE.read_text()
+    derived = build.flavor_dockerfile(text, flavor, classic=classic)
+    stages = re.findall(r"^FROM (\S+) AS (\S+)$", derived, flags=re.MULTILINE)
+    assert [stage for _, stage in stages] == [f"sdk-{flavor}", "deps", "app"]
+    has_mount = re.search(r"^RUN --mount=", derived, flags=re.MULTILINE) is not None
+    assert has_mount is not classic
+    if classic:
+        assert "COPY ${WHEELHOUSE}/ /tmp/wheelhouse/\nRUN \\\n    python /opt/deps/lockfilter.py" in derived
+    assert "${FLAVOR}" not in "".join(base for base, _ in stages)
+    kept = [line for line in text.splitlines() if line not in derived.splitlines()]
+    assert all(not line.startswith(("COPY", "LABEL io.llama3-hyperpod.flavor")) for line in kept)
+
+
 def test_dockerignore_sends_only_what_is_copied() -> None:
     from docker.utils.build import exclude_paths
 
