@@ -60,7 +60,7 @@ def test_plan_runs_like_pyxis(cpu_image: dict[str, Any], tmp_path: Path) -> None
     out.chmod(0o777)
     result = ci.pyxis_run(cpu_image["tag"], ["python", "/opt/app/entrypoint.py", "plan", "configs/llama3_8b_trn1.yaml",
                                              "--backend", "neuron", "--output-dir", "/out", "--json"],
-                          mounts={out: "/out"}, env={"USER_SETTING": "kept"}, workdir="/opt/app")
+                          mounts={out: "/out"}, workdir="/opt/app")
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(result.stdout)
     text = json.dumps(plan)
@@ -70,10 +70,11 @@ def test_plan_runs_like_pyxis(cpu_image: dict[str, Any], tmp_path: Path) -> None
 def test_launcher_and_package_import_from_anywhere(cpu_image: dict[str, Any]) -> None:
     """torchrun starts `python -m llama3_hyperpod...` from any cwd: the package must import without PYTHONPATH."""
     result = ci.pyxis_run(cpu_image["tag"], ["sh", "-c", "cd /tmp && llama3-hyperpod --help && python -c "
-                                             "'import llama3_hyperpod, torch; print(llama3_hyperpod.__file__, "
-                                             "torch.__version__)'"])
+                                             "'import os, llama3_hyperpod, torch; print(llama3_hyperpod.__file__, "
+                                             "torch.__version__, os.environ[\"USER_SETTING\"])'"],
+                          env={"USER_SETTING": "from-the-job"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "/opt/app/llama3_hyperpod/__init__.py 2.13.0+cpu" in result.stdout
+    assert "/opt/app/llama3_hyperpod/__init__.py 2.13.0+cpu from-the-job" in result.stdout
 
 
 def test_image_metadata(cpu_image: dict[str, Any], snapshot: Path) -> None:
@@ -102,6 +103,7 @@ def test_smoke_runs_like_pyxis(cpu_image: dict[str, Any], tmp_path: Path) -> Non
                                                             else [])
     result = ci.pyxis_run(cpu_image["tag"], argv, mounts={out: "/out"}, workdir="/out", timeout=420)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "PASS" in result.stdout + result.stderr
 
 
 def test_code_only_change_rebuilds_only_the_last_layers(cpu_image: dict[str, Any], podman_env: dict[str, str],
