@@ -230,8 +230,14 @@ def ecr_auth(tag: str) -> dict[str, str] | None:
     return {"username": "AWS", "password": result.stdout.strip()}
 
 
-def push(client: Any, tag: str, emit: Callable[[str], None]) -> None:
+def split_tag(tag: str) -> tuple[str, str]:
+    """'reg:5000/repo:v1' -> ('reg:5000/repo', 'v1'); no tag means 'latest' (a registry port is not a tag)."""
     repo, _, version = tag.rpartition(":") if ":" in tag.rsplit("/", maxsplit=1)[-1] else (tag, "", "latest")
+    return repo, version
+
+
+def push(client: Any, tag: str, emit: Callable[[str], None]) -> None:
+    repo, version = split_tag(tag)
     for chunk in client.images.push(repo, tag=version, stream=True, decode=True, auth_config=ecr_auth(tag)):
         if "error" in chunk:
             raise BuildError(f"push failed: {chunk['error']}")

@@ -218,6 +218,21 @@ def test_git_commit_label_value() -> None:
     assert build.git_commit(ROOT) in (head, head + "-dirty")
 
 
+def test_split_tag_and_ecr_detection() -> None:
+    assert build.split_tag("reg:5000/team/img:v1") == ("reg:5000/team/img", "v1")
+    assert build.split_tag("reg:5000/team/img") == ("reg:5000/team/img", "latest")
+    assert build.ecr_auth("localhost/img:1") is None  # not ECR: no AWS CLI call
+    match = build._ECR.match("123456789012.dkr.ecr.us-west-2.amazonaws.com/llama3:neuron")
+    assert match is not None and match["region"] == "us-west-2"
+
+
+def test_unreachable_docker_api_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build.main(["--flavor", "cpu", "--docker-host", "unix:///nonexistent/docker.sock"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot reach a Docker API at unix:///nonexistent/docker.sock")
+    assert err.count("\n") == 1
+
+
 def test_build_sh_help() -> None:
     result = subprocess.run([str(ROOT / "build.sh"), "--help"], capture_output=True, text=True, check=True)
     for flag in ("--flavor", "--tag", "--push", "--sqsh", "--wheelhouse", "--base-image", "--docker-host"):
