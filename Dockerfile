@@ -55,8 +55,9 @@ RUN apt-get update \
 # hadolint ignore=DL3003
 RUN curl -fsSL "https://efa-installer.amazonaws.com/aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" -o /tmp/efa.tar.gz \
     && tar -xzf /tmp/efa.tar.gz -C /tmp \
+    && apt-get update \
     && cd /tmp/aws-efa-installer \
-    && ./efa_installer.sh -y -g -d --skip-kmod --skip-limit-conf --no-verify \
+    && ./efa_installer.sh -y --skip-kmod --skip-limit-conf --no-verify \
     && cd / \
     && rm -rf /tmp/efa.tar.gz /tmp/aws-efa-installer /var/lib/apt/lists/*
 
