@@ -117,7 +117,7 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 FROM ${CUDA_BASE_IMAGE} AS sdk-cuda
 ARG DEBIAN_FRONTEND=noninteractive
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
-ARG TORCH_CUDA_VERSION=2.9.0
+ARG TORCH_CUDA_VERSION=2.13.0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
