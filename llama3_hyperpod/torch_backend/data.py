@@ -58,6 +58,7 @@ class Batches:
     dp_rank: int
     grad_accum_steps: int
     device: str = "cpu"
+    row_offset: int = 0  # rows consumed before step 0 of this numbering (a resume after a global batch change)
 
     @property
     def global_batch_size(self) -> int:
@@ -65,7 +66,8 @@ class Batches:
 
     def get(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, targets) of shape (mbs, seq); targets are labels shifted left, the last position ignored."""
-        start = step * self.global_batch_size + (micro * self.dp + self.dp_rank) * self.micro_batch_size
+        start = self.row_offset + step * self.global_batch_size
+        start += (micro * self.dp + self.dp_rank) * self.micro_batch_size
         rows = [(start + i) % len(self.dataset) for i in range(self.micro_batch_size)]
         batch = self.dataset[rows]
         tokens = np.asarray(batch["input_ids"], dtype=np.int64)[:, : self.seq_len]

@@ -87,18 +87,25 @@ class StepMetrics:
 class MetricsWriter:
     """metrics.jsonl + TensorBoard events in the run dir, one console line per logged step (main rank only)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, *, enabled: bool, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        """resume_step: the run continues after this step, so later records (steps redone after the checkpoint)
+        are dropped and metrics.jsonl / TensorBoard hold every step exactly once."""
         self.enabled = enabled
         self.history: list[StepMetrics] = []
         self._jsonl: Any = None
         self._tb: Any = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                _truncate_after(run_dir / "metrics.jsonl", resume_step)
             self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                purge = resume_step + 1 if resume_step else None
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, m: StepMetrics, max_steps: int, *, echo: bool = True) -> None:
         self.history.append(m)
@@ -118,6 +125,18 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` (none when a run starts over from step 0)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:

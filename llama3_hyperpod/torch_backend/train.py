@@ -5,6 +5,11 @@
 
 Run under torchrun for TP/DP; one process needs no process group. `--mode compile` runs a few steps so
 torch.compile fills TORCHINDUCTOR_CACHE_DIR, then exits 0.
+
+Checkpoints (checkpoint.py) go to <run-dir>/checkpoints every exp_manager.checkpoint_callback_params
+.every_n_train_steps steps and at the end; a run resumes by itself from the newest complete one. SIGTERM or
+SIGUSR1 make every rank checkpoint at the next step boundary; rank 0 then writes <run-dir>/.requeue and all
+exit 85 (llama3_hyperpod.exitcodes), which the launcher and enroot/job.sh turn into a requeue.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import torch.nn.functional as F  # noqa: N812  (the universal PyTorch spelling)
 from torch.distributed.tensor import DTensor
 
 from llama3_hyperpod.config import ConfigError, RunConfig, load_config
+from llama3_hyperpod.exitcodes import EXIT_REQUEUE, REQUEUE_MARKER
 from llama3_hyperpod.torch_backend import parallel
+from llama3_hyperpod.torch_backend.checkpoint import Checkpointer, CheckpointError, stderr_log
 from llama3_hyperpod.torch_backend.data import IGNORE_INDEX, Batches, load_train_dataset
 from llama3_hyperpod.torch_backend.metrics import (
     MetricsWriter,
@@ -36,6 +43,7 @@ from llama3_hyperpod.torch_backend.metrics import (
 )
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
 from llama3_hyperpod.torch_backend.schedule import build_scheduler
+from llama3_hyperpod.torch_backend.signals import StopRequest
 
 COMPILE_MODE_STEPS = 3
 
@@ -51,6 +59,9 @@ class TrainResult:
     flops_per_token: float = 0.0
     num_params: int = 0
     wall_s: float = 0.0
+    start_step: int = 0  # > 0 when the run resumed from a checkpoint
+    requeue: bool = False  # stopped on a signal after checkpointing: exit 85
+    checkpoint_stall_s: list[float] = field(default_factory=list)  # time each save blocked the loop
 
     def steady(self, key: str) -> float:
         """Median of a metric over steps after the first (which pays for warm-up / compilation)."""
@@ -90,8 +101,38 @@ def _inductor_cache_files() -> int:
     return sum(1 for p in Path(cache).rglob("*") if p.is_file())
 
 
+def _checkpointer(rc: RunConfig, run_dir: Path, d: parallel.Dist, echo: bool) -> Checkpointer | None:
+    """None when the config turns checkpoints off (create_checkpoint_callback false or save_top_k 0)."""
+    em = rc.cfg.exp_manager
+    if not em.create_checkpoint_callback or em.checkpoint_callback_params.save_top_k == 0:
+        return None
+    return Checkpointer(
+        run_dir,
+        rank=d.rank,
+        world_size=d.world_size,
+        keep=int(em.checkpoint_callback_params.save_top_k),
+        async_save=bool(em.async_checkpointing),
+        hf_config=dict(rc.model.hf_config),
+        log=stderr_log if echo else (lambda _m: None),
+    )
+
+
+def _agree(stop: int, pending: int, d: parallel.Dist, device: str) -> tuple[bool, bool]:
+    """(some rank was asked to stop, every rank's async save is written): one tiny all_reduce per step."""
+    if d.world_size == 1:
+        return bool(stop), not pending
+    flags = torch.tensor([int(bool(stop)), pending], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags[0].item()), not flags[1].item()
+
+
 def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "cpu", echo: bool = True) -> TrainResult:
-    """Build model, data and optimizer from the config and run the loop; returns the metrics of every step."""
+    """Build model, data and optimizer from the config, resume, and run the loop; returns every step's metrics."""
+    with StopRequest(announce=echo) as stop:
+        return _train(rc, run_dir, stop, mode=mode, device=device, echo=echo)
+
+
+def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device: str, echo: bool) -> TrainResult:
     cfg, layout = rc.cfg, rc.layout
     started = time.perf_counter()
     parallel.check_layout(layout, rc.model.num_key_value_heads)
@@ -133,6 +174,18 @@ def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "c
     )
     batches = Batches(dataset, rc.seq_len, rc.micro_batch_size, d.dp, d.dp_rank, rc.grad_accum_steps, device)
 
+    ckpt = _checkpointer(rc, run_dir, d, echo) if mode == "train" else None
+    start_step = 0
+    if ckpt is not None and (cfg.exp_manager.resume_if_exists or cfg.exp_manager.resume_from_checkpoint):
+        restored = ckpt.resume(model, optimizer, scheduler, explicit=cfg.exp_manager.resume_from_checkpoint)
+        if restored is not None:
+            start_step = restored.step
+            batches.row_offset = restored.consumed_samples - restored.step * rc.global_batch_size
+        elif not cfg.exp_manager.resume_ignore_no_checkpoint:
+            raise ConfigError("exp_manager.resume_ignore_no_checkpoint",
+                              f"is false and {ckpt.root} holds no complete checkpoint to resume from")
+    every_n = int(cfg.exp_manager.checkpoint_callback_params.every_n_train_steps or 0)
+
     peak_per_device, peak_source = peak_flops(device, cfg.torch_backend.peak_tflops)
     if device == "cpu" and d.world_size > 1:
         # Processes share this machine's cores: the peak is what they reach together (measured concurrently).
@@ -140,7 +193,7 @@ def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "c
     else:
         peak_total = peak_per_device * d.world_size
     max_steps = min(cfg.trainer.max_steps, COMPILE_MODE_STEPS) if mode == "compile" else cfg.trainer.max_steps
-    writer = MetricsWriter(run_dir, enabled=d.is_main and mode == "train")
+    writer = MetricsWriter(run_dir, enabled=d.is_main and mode == "train", resume_step=start_step)
     cache_before = _inductor_cache_files()
     if d.is_main and echo:
         print(
@@ -151,10 +204,18 @@ def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "c
             flush=True,
         )
 
-    result = TrainResult(peak_flops=peak_total, peak_source=peak_source, flops_per_token=fpt, num_params=n_params)
+    result = TrainResult(peak_flops=peak_total, peak_source=peak_source, flops_per_token=fpt, num_params=n_params,
+                         start_step=start_step)
     tokens_per_step = rc.global_batch_size * rc.seq_len
+
+    def save(done_steps: int) -> None:
+        assert ckpt is not None
+        consumed = batches.row_offset + done_steps * rc.global_batch_size
+        ckpt.save(done_steps, model, optimizer, scheduler, consumed)
+        result.checkpoint_stall_s.append(ckpt.last_stall_s)
+
     model.train()
-    for step in range(max_steps):
+    for step in range(start_step, max_steps):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(rc.grad_accum_steps):
@@ -193,13 +254,41 @@ def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "c
             raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
         if (step + 1) % cfg.trainer.log_every_n_steps == 0 or step + 1 == max_steps:
             writer.log(m, max_steps, echo=echo)
+
+        stop_now, saves_written = _agree(stop.signum, ckpt.pending_not_done() if ckpt else 0, d, device)
+        if ckpt is not None and saves_written:
+            ckpt.finish_pending()
+        if stop_now and step + 1 < max_steps:
+            if ckpt is not None and ckpt.saved_step != step + 1:
+                save(step + 1)
+            if ckpt is not None:
+                ckpt.wait()
+            elif d.is_main:
+                stderr_log("train: warning: checkpoints are off (save_top_k 0): the requeued run starts over")
+            result.requeue = True
+            break
+        if ckpt is not None and every_n and (step + 1) % every_n == 0 and step + 1 < max_steps:
+            save(step + 1)
+    if ckpt is not None and not result.requeue:
+        if max_steps > start_step and ckpt.saved_step != max_steps:
+            save(max_steps)
+        ckpt.wait()
     writer.close()
     result.wall_s = time.perf_counter() - started
+    if result.requeue:
+        if d.is_main:
+            # After the checkpoint is complete: the launcher turns this marker into exit 85 (torchrun says 1).
+            (run_dir / REQUEUE_MARKER).write_text(f"{start_step + len(result.losses)}\n", encoding="utf-8")
+            stderr_log(f"train: stopped after step {start_step + len(result.losses)} for a requeue "
+                       f"(exit {EXIT_REQUEUE})")
+        return result
 
-    if d.is_main and echo:
+    if d.is_main and echo and not result.losses:
+        print(f"summary: nothing to do, the run resumed at step {start_step} of {max_steps}", flush=True)
+    elif d.is_main and echo:
         cache_after = _inductor_cache_files()
         print(
-            f"summary: {max_steps} steps in {result.wall_s:.1f} s | loss {result.losses[0]:.4f} -> "
+            f"summary: steps {start_step + 1}-{max_steps} in {result.wall_s:.1f} s | loss {result.losses[0]:.4f} -> "
             f"{result.losses[-1]:.4f} | {result.steady('tokens_per_s'):,.0f} tok/s | "
             f"MFU {100 * result.steady('mfu'):.1f}% of {peak_total / 1e12:.2f} TFLOP/s | "
             f"peak mem {max(m.memory_gib for m in result.history):.2f} GiB | "
@@ -223,15 +312,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     try:
         rc = load_config(args.config, args.overrides)
-        train(rc, args.run_dir, mode=args.mode, device=args.device)
+        result = train(rc, args.run_dir, mode=args.mode, device=args.device)
     except ConfigError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: checkpoint: {exc}", file=sys.stderr)
+        return 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return EXIT_REQUEUE if result.requeue else 0
 
 
 if __name__ == "__main__":

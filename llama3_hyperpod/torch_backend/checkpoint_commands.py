@@ -1,0 +1,108 @@
+"""`checkpoint` commands: list a run's checkpoints and export one in Hugging Face format.
+
+Registered by cli.py. torch, safetensors and the DCP reader are imported inside the commands so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
+
+
+def _fail(key: str, message: str) -> None:
+    click.echo(f"error: {key}: {message}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir as given, or the newest complete one of a run dir / its checkpoints dir."""
+    from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS, DONE, newest_complete, problem
+
+    if (path / DONE).exists() or path.name.startswith("step_"):
+        why = problem(path)
+        if why is not None:
+            _fail(str(path), f"is not a complete checkpoint: {why}")
+        return path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    found = newest_complete(root, lambda msg: click.echo(f"warning: {msg}", err=True))
+    if found is None:
+        _fail(str(path), f"holds no complete checkpoint (looked in {root})")
+    assert found is not None
+    return found
+
+
+def load_model_state(checkpoint: Path) -> dict[str, Any]:
+    """The model's full (unsharded) tensors from a DCP checkpoint, read in this one process (no process group)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(checkpoint),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return dict(state["model"])
+
+
+def export_hf(checkpoint: Path, out_dir: Path) -> Path:
+    """Write model.safetensors + config.json (+ generation_config.json) that LlamaForCausalLM.from_pretrained loads."""
+    from safetensors.torch import save_file
+
+    from llama3_hyperpod.torch_backend.checkpoint import MODEL_CONFIG
+    from llama3_hyperpod.torch_backend.model import to_hf_state_dict
+
+    config_file = checkpoint / MODEL_CONFIG
+    if not config_file.is_file():
+        _fail(str(checkpoint), f"has no {MODEL_CONFIG} (saved by an older version?)")
+    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    tensors = to_hf_state_dict(load_model_state(checkpoint))
+    if hf_config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    hf_config = {**hf_config, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                 "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+@click.group()
+def checkpoint() -> None:
+    """Inspect and export the torch backend's checkpoints (<run dir>/checkpoints/step_N)."""
+
+
+@checkpoint.command(name="list")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def list_(run_dir: Path) -> None:
+    """Every step_N of a run with its state: complete, or why it would be skipped at resume."""
+    from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS, list_step_dirs, problem
+
+    root = run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir
+    found = list_step_dirs(root)
+    if not found:
+        click.echo(f"{root}: no checkpoints")
+    for step, path in found:
+        why = problem(path)
+        click.echo(f"{step:>9}  {path}  {'complete' if why is None else 'SKIPPED: ' + why}")
+
+
+@checkpoint.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def export(source: Path, out_dir: Path) -> None:
+    """Write SOURCE (a step_N dir, or a run dir: its newest complete checkpoint) to OUT_DIR in Hugging Face format.
+
+    OUT_DIR gets model.safetensors and config.json: transformers' LlamaForCausalLM.from_pretrained(OUT_DIR)
+    loads it and computes the same logits as the trainer's model.
+    """
+    ckpt = resolve_checkpoint(source)
+    export_hf(ckpt, out_dir)
+    click.echo(f"exported {ckpt} -> {out_dir} (model.safetensors, config.json)")
