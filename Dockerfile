@@ -90,7 +90,9 @@ LABEL io.llama3-hyperpod.neuron-sdk="${NEURON_SDK_VERSION}" \
       io.llama3-hyperpod.aws-neuronx-collectives="${NEURON_COLLECTIVES_VERSION}" \
       io.llama3-hyperpod.aws-neuronx-tools="${NEURON_TOOLS_VERSION}" \
       io.llama3-hyperpod.efa-installer="${EFA_INSTALLER_VERSION}" \
-      io.llama3-hyperpod.nxdt-examples="${NXDT_GIT_TAG}"
+      io.llama3-hyperpod.nxdt-examples="${NXDT_GIT_TAG}" \
+      io.llama3-hyperpod.flavor="neuron" \
+      org.opencontainers.image.title="llama3-hyperpod"
 ENV PATH=/opt/venv/bin:/opt/aws/neuron/bin:/opt/amazon/efa/bin:/opt/amazon/openmpi/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LD_LIBRARY_PATH=/opt/aws/neuron/lib:/opt/amazon/efa/lib:/opt/amazon/efa/lib64:/opt/amazon/openmpi/lib64 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -99,15 +101,14 @@ ENV PATH=/opt/venv/bin:/opt/aws/neuron/bin:/opt/amazon/efa/bin:/opt/amazon/openm
 # ---------------------------------------------------------------------------------------------------------------------
 # CPU: Debian's Python in a venv; torch (the CPU build) comes from the lock in the deps stage.
 FROM ${CPU_BASE_IMAGE} AS sdk-cpu
-ARG DEBIAN_FRONTEND=noninteractive
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
     && python3 -m venv /opt/venv \
     && install -d /etc/llama3-hyperpod \
     && touch /etc/llama3-hyperpod/lock-exclude
+LABEL io.llama3-hyperpod.flavor="cpu" org.opencontainers.image.title="llama3-hyperpod"
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -127,6 +128,7 @@ RUN apt-get update \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_CUDA_INDEX}" "torch==${TORCH_CUDA_VERSION}" \
     && install -d /etc/llama3-hyperpod \
     && echo "torch" > /etc/llama3-hyperpod/lock-exclude
+LABEL io.llama3-hyperpod.flavor="cuda" org.opencontainers.image.title="llama3-hyperpod"
 ENV PATH=/opt/venv/bin:/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -138,7 +140,6 @@ ENV PATH=/opt/venv/bin:/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin
 # RUN --mount: build.sh rewrites this step to COPY + RUN for it; BuildKit and buildah/podman use it as written.)
 # hadolint ignore=DL3006
 FROM sdk-${FLAVOR} AS deps
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG WHEELHOUSE=versions
 COPY requirements.lock llama3_hyperpod/image/lockfilter.py /opt/deps/
 RUN --mount=type=bind,source=${WHEELHOUSE},target=/tmp/wheelhouse \
@@ -155,7 +156,8 @@ RUN --mount=type=bind,source=${WHEELHOUSE},target=/tmp/wheelhouse \
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The project itself, last: a code-only change rebuilds only these layers. Byte code is compiled here (hash-checked,
-# so mtimes do not matter) because nothing may be written into the image at run time.
+# so mtimes do not matter) because nothing may be written into the image at run time. Labels that change with every
+# commit (revision, cache manifest and lock hashes) are added by build.sh through the API, after the last step.
 FROM deps AS app
 WORKDIR /opt/app
 ENTRYPOINT ["python", "/opt/app/entrypoint.py"]
@@ -166,12 +168,3 @@ COPY enroot/ /opt/app/enroot/
 COPY llama3_hyperpod/ /opt/app/llama3_hyperpod/
 COPY entrypoint.py /opt/app/entrypoint.py
 RUN python -m compileall -q --invalidation-mode unchecked-hash /opt/app/entrypoint.py /opt/app/llama3_hyperpod
-ARG FLAVOR=neuron
-ARG GIT_COMMIT=unknown
-ARG CACHE_MANIFEST_SHA256=unknown
-ARG LOCK_SHA256=unknown
-LABEL io.llama3-hyperpod.flavor="${FLAVOR}" \
-      io.llama3-hyperpod.cache-manifest-sha256="${CACHE_MANIFEST_SHA256}" \
-      io.llama3-hyperpod.lock-sha256="${LOCK_SHA256}" \
-      org.opencontainers.image.revision="${GIT_COMMIT}" \
-      org.opencontainers.image.title="llama3-hyperpod"

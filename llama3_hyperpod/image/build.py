@@ -119,9 +119,12 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
         args[BASE_IMAGE_ARG[ns.flavor]] = ns.base_image
     if ns.wheelhouse:
         args["WHEELHOUSE"] = stage_wheelhouse(Path(ns.wheelhouse), context)
-    args["GIT_COMMIT"] = git_commit(context)
-    args["CACHE_MANIFEST_SHA256"] = tree_sha256(context / "neuron_cache")
-    args["LOCK_SHA256"] = hashlib.sha256((context / "requirements.lock").read_bytes()).hexdigest()
+    # Labels that change with every commit go through the API, not ARG/LABEL steps: no layer depends on them.
+    labels = {
+        "org.opencontainers.image.revision": git_commit(context),
+        "io.llama3-hyperpod.cache-manifest-sha256": tree_sha256(context / "neuron_cache"),
+        "io.llama3-hyperpod.lock-sha256": hashlib.sha256((context / "requirements.lock").read_bytes()).hexdigest(),
+    }
     for item in ns.build_arg or ():
         name, value = parse_build_arg(item)
         args[name] = value
@@ -138,27 +141,22 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
         raise UsageError(f"--push: tag {tag!r} names no registry (e.g. ACCOUNT.dkr.ecr.REGION.amazonaws.com/repo:tag)")
     return BuildRequest(context=context, flavor=ns.flavor, tag=tag, build_args=args, push=ns.push, sqsh=sqsh,
                         docker_host=ns.docker_host, no_cache=ns.no_cache, classic=ns.classic_builder,
-                        network=ns.network)
+                        network=ns.network, labels=labels)
 
 
-def connect(docker_host: str | None) -> Any:
-    """A Docker SDK client for Docker Engine or podman's API; one clear line if nothing answers."""
+def connect(docker_host: str | None) -> tuple[Any, str]:
+    """A Docker SDK client and the engine behind it ('docker' or 'podman'); one clear line if nothing answers."""
     import docker
 
     try:
         client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
-        client.ping()
+        ping = client.api.get(client.api._url("/_ping"))  # one request: liveness, and podman says who it is
+        ping.raise_for_status()
     except Exception as exc:
         where = docker_host or os.environ.get("DOCKER_HOST") or "the default Docker socket"
         raise BuildError(f"cannot reach a Docker API at {where} ({type(exc).__name__}); start Docker, or "
                          "`podman system service` and pass --docker-host unix:///path/to/podman.sock") from exc
-    return client
-
-
-def engine_name(client: Any) -> str:
-    """'podman' or 'docker': enroot imports from each with a different URI scheme."""
-    components = client.version().get("Components") or []
-    return "podman" if any("podman" in str(c.get("Name", "")).lower() for c in components) else "docker"
+    return client, "podman" if "Libpod-Api-Version" in ping.headers else "docker"
 
 
 def flavor_dockerfile(text: str, flavor: str, *, classic: bool = False) -> str:
@@ -280,8 +278,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print) -> int:
     try:
         req = make_request(parser().parse_args(list(argv) if argv is not None else None))
-        client = connect(req.docker_host)
-        engine = engine_name(client)
+        client, engine = connect(req.docker_host)
         stream_build(client, req, emit, classic=req.classic or engine == "docker")
         if req.push:
             push(client, req.tag, emit)
