@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 CHECKPOINTS = "checkpoints"
@@ -42,6 +43,9 @@ DONE = "done"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 MODEL_CONFIG = "model_config.json"
+
+# What a save or load can raise: OS errors, and DCP's CheckpointException (a BaseException) gathering every rank's.
+SaveErrors = (Exception, CheckpointException)
 
 # DCP says so on every single-process save/load; a one-process run is not a mistake here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -241,7 +245,7 @@ class Checkpointer:
                     state, checkpoint_id=tmp, process_group=self._pg, no_dist=self.world_size == 1)))
             else:
                 dcp.save(state, checkpoint_id=tmp, no_dist=self.world_size == 1)
-        except Exception as exc:  # OSError, or DCP's CheckpointException wrapping one
+        except SaveErrors as exc:  # OSError, or DCP's CheckpointException wrapping one
             error = exc
         if not self._all_ok(error is None):
             self._pending = None
@@ -268,7 +272,7 @@ class Checkpointer:
         error: BaseException | None = None
         try:
             future.result()
-        except Exception as exc:
+        except SaveErrors as exc:
             error = exc
         tmp = self.root / f"{TMP_PREFIX}{step_dir(self.root, step).name}"
         if not self._all_ok(error is None):
@@ -307,11 +311,14 @@ class Checkpointer:
 
     def _fail(self, step: int, tmp: Path, error: BaseException | None) -> None:
         """Remove the partial save (frees the space it took) and raise one clear error on every rank."""
+        full = _disk_full(self.root)
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = complete_checkpoints(self.root)
         kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "there is no earlier checkpoint"
         reason = _root_cause(error) if error is not None else "another rank failed"
+        if full and "No space left" not in reason:
+            reason = f"{full} ({reason})"
         raise CheckpointError(
             f"saving the checkpoint of step {step} in {self.root} failed: {reason}; {kept}. "
             "Free space there (or point exp_manager.explicit_log_dir at a larger filesystem) and restart: the run "
@@ -371,7 +378,7 @@ class Checkpointer:
                     try:
                         restored = self.load(path, model, optimizer, scheduler)
                         break
-                    except Exception as exc:  # DCP raises the same error on every rank
+                    except SaveErrors as exc:  # DCP raises the same error on every rank
                         why = f"cannot be loaded: {_root_cause(exc)}"
                 warn(f"checkpoint: warning: skipping {path}: {why}")
         if restored is not None:
@@ -385,6 +392,20 @@ class Checkpointer:
 def _as_future(response: Any) -> Future[Any]:
     """dcp.async_save returns a Future, or an AsyncSaveResponse holding one (upload_completion)."""
     return response if isinstance(response, Future) else response.upload_completion
+
+
+def _disk_full(path: Path) -> str:
+    """'No space left on device: ...' when the filesystem of `path` is (nearly) full, else ''.
+
+    torch.save into a full disk reports a zip-writer position error rather than ENOSPC, so say it ourselves.
+    """
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return ""
+    if usage.free < max(16 * 2**20, usage.total // 1000):
+        return f"No space left on device: {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB"
+    return ""
 
 
 def _torch_bytes(obj: Any) -> bytes:

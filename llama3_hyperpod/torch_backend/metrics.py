@@ -123,8 +123,10 @@ class MetricsWriter:
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -214,66 +214,70 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
         ckpt.save(done_steps, model, optimizer, scheduler, consumed)
         result.checkpoint_stall_s.append(ckpt.last_stall_s)
 
-    model.train()
-    for step in range(start_step, max_steps):
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(rc.grad_accum_steps):
-            tokens, targets = batches.get(step, micro)
-            parallel.set_grad_sync(model, micro == rc.grad_accum_steps - 1)
-            with parallel.loss_context(d):
-                with _autocast(device, cfg.precision.type):
-                    logits = model(tokens)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE_INDEX)
-                (loss / rc.grad_accum_steps).backward()
-            loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()  # type: ignore[attr-defined]
-        grad_norm = parallel.clip_grad_norm(model, cfg.trainer.gradient_clip_val)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        model.train()
+        for step in range(start_step, max_steps):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(rc.grad_accum_steps):
+                tokens, targets = batches.get(step, micro)
+                parallel.set_grad_sync(model, micro == rc.grad_accum_steps - 1)
+                with parallel.loss_context(d):
+                    with _autocast(device, cfg.precision.type):
+                        logits = model(tokens)
+                    loss = F.cross_entropy(
+                        logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE_INDEX
+                    )
+                    (loss / rc.grad_accum_steps).backward()
+                loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()  # type: ignore[attr-defined]
+            grad_norm = parallel.clip_grad_norm(model, cfg.trainer.gradient_clip_val)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        step_loss = parallel.reduce_mean(loss_sum / rc.grad_accum_steps, d)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        tps = tokens_per_step / dt
-        m = StepMetrics(
-            step=step + 1,
-            loss=step_loss,
-            grad_norm=grad_norm,
-            lr=lr,
-            tokens_per_s=tps,
-            mfu=tps * fpt / peak_total,
-            memory_gib=memory_bytes(device) / 2**30,
-            step_time_s=dt,
-        )
-        result.losses.append(step_loss)
-        result.history.append(m)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
-        if (step + 1) % cfg.trainer.log_every_n_steps == 0 or step + 1 == max_steps:
-            writer.log(m, max_steps, echo=echo)
+            step_loss = parallel.reduce_mean(loss_sum / rc.grad_accum_steps, d)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            m = StepMetrics(
+                step=step + 1,
+                loss=step_loss,
+                grad_norm=grad_norm,
+                lr=lr,
+                tokens_per_s=tps,
+                mfu=tps * fpt / peak_total,
+                memory_gib=memory_bytes(device) / 2**30,
+                step_time_s=dt,
+            )
+            result.losses.append(step_loss)
+            result.history.append(m)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
+            if (step + 1) % cfg.trainer.log_every_n_steps == 0 or step + 1 == max_steps:
+                writer.log(m, max_steps, echo=echo)
 
-        stop_now, saves_written = _agree(stop.signum, ckpt.pending_not_done() if ckpt else 0, d, device)
-        if ckpt is not None and saves_written:
-            ckpt.finish_pending()
-        if stop_now and step + 1 < max_steps:
-            if ckpt is not None and ckpt.saved_step != step + 1:
+            stop_now, saves_written = _agree(stop.signum, ckpt.pending_not_done() if ckpt else 0, d, device)
+            if ckpt is not None and saves_written:
+                ckpt.finish_pending()
+            if stop_now and step + 1 < max_steps:
+                if ckpt is not None and ckpt.saved_step != step + 1:
+                    save(step + 1)
+                if ckpt is not None:
+                    ckpt.wait()
+                elif d.is_main:
+                    stderr_log("train: warning: checkpoints are off (save_top_k 0): the requeued run starts over")
+                result.requeue = True
+                break
+            if ckpt is not None and every_n and (step + 1) % every_n == 0 and step + 1 < max_steps:
                 save(step + 1)
-            if ckpt is not None:
-                ckpt.wait()
-            elif d.is_main:
-                stderr_log("train: warning: checkpoints are off (save_top_k 0): the requeued run starts over")
-            result.requeue = True
-            break
-        if ckpt is not None and every_n and (step + 1) % every_n == 0 and step + 1 < max_steps:
-            save(step + 1)
-    if ckpt is not None and not result.requeue:
-        if max_steps > start_step and ckpt.saved_step != max_steps:
-            save(max_steps)
-        ckpt.wait()
-    writer.close()
+        if ckpt is not None and not result.requeue:
+            if max_steps > start_step and ckpt.saved_step != max_steps:
+                save(max_steps)
+            ckpt.wait()
+    finally:
+        writer.close()  # also on a failed save: frees the files (a full disk can then be unmounted)
     result.wall_s = time.perf_counter() - started
     if result.requeue:
         if d.is_main:
