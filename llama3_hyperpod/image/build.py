@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +26,8 @@ from typing import Any
 from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
 
 STAGED_WHEELHOUSE = Path("build") / "wheelhouse"
+DEPS_REPO = "localhost/llama3-hyperpod-deps"
+API_VERSION = "1.41"  # Docker Engine 20.10+, podman 4
 _SECRETISH = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|_KEY$|^KEY$)", re.IGNORECASE)
 _ECR = re.compile(r"^(?P<registry>\d{12}\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?)/")
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9](:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
@@ -149,7 +154,9 @@ def connect(docker_host: str | None) -> tuple[Any, str]:
     import docker
 
     try:
-        client = docker.DockerClient(base_url=docker_host) if docker_host else docker.from_env()
+        # A pinned API version: "auto" costs one more round trip (/version) on every build.
+        client = docker.DockerClient(base_url=docker_host, version=API_VERSION) if docker_host \
+            else docker.from_env(version=API_VERSION)
         ping = client.api.get(client.api._url("/_ping"))  # one request: liveness, and podman says who it is
         ping.raise_for_status()
     except Exception as exc:
@@ -183,33 +190,107 @@ def flavor_dockerfile(text: str, flavor: str, *, classic: bool = False) -> str:
     return "".join(out)
 
 
-def stream_build(client: Any, req: BuildRequest, emit: Callable[[str], None], *, classic: bool = False) -> str:
-    """Run the build, streaming its log with elapsed time on each step; return the image id."""
-    start = time.monotonic()
+APP_STAGE = re.compile(r"^FROM deps AS app\s*$", flags=re.MULTILINE)
+
+
+def split_app_stage(text: str) -> tuple[str, str]:
+    """(everything up to the deps stage, the app stage's instructions after its FROM line)."""
+    match = APP_STAGE.search(text)
+    if match is None:
+        raise UsageError("Dockerfile: no `FROM deps AS app` stage")
+    return text[: match.start()], text[match.end():].lstrip("\n")
+
+
+def app_sources(app_body: str) -> list[str]:
+    """The build-context paths the app stage copies (COPY lines without --from)."""
+    sources: list[str] = []
+    for line in app_body.splitlines():
+        parts = line.split()
+        if parts[:1] == ["COPY"] and not any(p.startswith("--from") for p in parts):
+            sources += [p.rstrip("/") for p in parts[1:-1] if not p.startswith("--")]
+    return sources
+
+
+def deps_key(req: BuildRequest, deps_text: str) -> str:
+    """Everything the deps image depends on: its Dockerfile part, build args, the lock, the filter, the wheels."""
+    digest = hashlib.sha256(deps_text.encode())
+    digest.update(json.dumps(req.build_args, sort_keys=True).encode())
+    for name in ("requirements.lock", "llama3_hyperpod/image/lockfilter.py"):
+        digest.update((req.context / name).read_bytes())
+    wheelhouse = req.context / req.build_args.get("WHEELHOUSE", "versions")
+    for path in sorted(wheelhouse.iterdir()) if wheelhouse.is_dir() else []:
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def app_context(req: BuildRequest, dockerfile_text: str, sources: Iterable[str]) -> io.BytesIO:
+    """A tar of only what the app stage copies (plus its Dockerfile), honouring .dockerignore: small, so a code-only
+    rebuild does not ship the wheelhouse again."""
+    from docker.utils.build import exclude_paths
+
+    ignore = req.context / ".dockerignore"
+    patterns = [p for p in ignore.read_text().splitlines() if p.strip() and not p.startswith("#")] \
+        if ignore.exists() else []
+    allowed = exclude_paths(str(req.context), patterns)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = dockerfile_text.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+        for rel in sorted(allowed):
+            if any(rel == src or rel.startswith(src + "/") for src in sources):
+                tar.add(req.context / rel, arcname=rel, recursive=False)
+    buf.seek(0)
+    return buf
+
+
+def run_build(client: Any, emit: Callable[[str], None], start: float, **kwargs: Any) -> str:
+    """One API build with its log streamed (elapsed time on each step); returns the image id."""
     image_id = ""
-    # Written under build/ (git-ignored) inside the context: the SDK always sends the named Dockerfile, whatever
-    # .dockerignore says (one outside the context gets a random name in the tar, which podman 4.3 rejects).
-    dockerfile = req.context / "build" / f"Dockerfile.{req.flavor}"
-    dockerfile.parent.mkdir(parents=True, exist_ok=True)
-    dockerfile.write_text(flavor_dockerfile((req.context / "Dockerfile").read_text(), req.flavor, classic=classic))
-    chunks: Iterator[dict[str, Any]] = client.api.build(
-        path=str(req.context), dockerfile=dockerfile.relative_to(req.context).as_posix(), tag=req.tag,
-        buildargs=req.build_args, decode=True, rm=True, forcerm=True, pull=False, nocache=req.no_cache,
-        network_mode=req.network, labels=req.labels or None)
+    chunks: Iterator[dict[str, Any]] = client.api.build(decode=True, rm=True, forcerm=True, pull=False, **kwargs)
     for chunk in chunks:
         if "error" in chunk or "errorDetail" in chunk:
             detail = chunk.get("error") or chunk.get("errorDetail", {}).get("message", "")
             raise BuildError(f"build failed: {str(detail).strip().splitlines()[-1] if detail else 'unknown error'}")
-        text = chunk.get("stream", "")
-        for line in text.splitlines():
+        for line in chunk.get("stream", "").splitlines():
             if line.strip():
                 prefix = f"[{time.monotonic() - start:6.1f}s] " if "STEP" in line or line.startswith("Step ") else ""
                 emit(prefix + line)
         aux = chunk.get("aux") or {}
         if isinstance(aux, dict) and aux.get("ID"):
             image_id = aux["ID"]
-    if not image_id:
-        image_id = client.images.get(req.tag).id
+    return image_id or client.images.get(kwargs["tag"]).id
+
+
+def stream_build(client: Any, req: BuildRequest, emit: Callable[[str], None], *, classic: bool = False) -> str:
+    """Build in two API calls; return the image id.
+
+    1. the `deps` target (SDK + locked dependencies) from the full context, only when no image built from the same
+       inputs exists (tagged llama3-hyperpod-deps:FLAVOR-KEY);
+    2. the app stage FROM that image, from a context holding only the project files.
+    The result has exactly the layers a one-shot `docker build` gives; a code-only change sends a few hundred KB.
+    """
+    start = time.monotonic()
+    text = flavor_dockerfile((req.context / "Dockerfile").read_text(), req.flavor, classic=classic)
+    deps_text, app_body = split_app_stage(text)
+    deps_tag = f"{DEPS_REPO}:{req.flavor}-{deps_key(req, deps_text)[:16]}"
+    if req.no_cache or not client.images.list(name=deps_tag):
+        # Written under build/ (git-ignored) inside the context: the SDK always sends the named Dockerfile, whatever
+        # .dockerignore says (one outside the context gets a random name in the tar, which podman 4.3 rejects).
+        dockerfile = req.context / "build" / f"Dockerfile.{req.flavor}"
+        dockerfile.parent.mkdir(parents=True, exist_ok=True)
+        dockerfile.write_text(deps_text)
+        emit(f"building {deps_tag} (SDK + locked dependencies)")
+        run_build(client, emit, start, path=str(req.context), dockerfile=dockerfile.relative_to(req.context).as_posix(),
+                  tag=deps_tag, target="deps", buildargs=req.build_args, nocache=req.no_cache,
+                  network_mode=req.network)
+    else:
+        emit(f"reusing {deps_tag} (same SDK, lock and wheels)")
+    app_text = f"FROM {deps_tag}\n{app_body}"
+    image_id = run_build(client, emit, start, fileobj=app_context(req, app_text, app_sources(app_body)),
+                         custom_context=True, dockerfile="Dockerfile", tag=req.tag, nocache=req.no_cache,
+                         network_mode=req.network, labels=req.labels or None)
     emit(f"built {req.tag} ({image_id[:19]}) in {time.monotonic() - start:.1f}s")
     return image_id
 

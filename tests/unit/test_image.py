@@ -126,6 +126,13 @@ def test_flavor_dockerfile_keeps_one_sdk_stage(flavor: str, classic: bool) -> No
     assert f'io.llama3-hyperpod.flavor="{flavor}"' in derived
 
 
+def test_app_stage_split_and_sources() -> None:
+    """The build tool builds the app stage alone from a small context: it must find every file the stage copies."""
+    deps_part, app_body = build.split_app_stage(DOCKERFILE.read_text())
+    assert "AS deps" in deps_part and "FROM" not in app_body
+    assert build.app_sources(app_body) == ["neuron_cache", "configs", "enroot", "llama3_hyperpod", "entrypoint.py"]
+
+
 def test_dockerignore_sends_only_what_is_copied() -> None:
     from docker.utils.build import exclude_paths
 
