@@ -133,6 +133,25 @@ def test_app_stage_split_and_sources() -> None:
     assert build.app_sources(app_body) == ["neuron_cache", "configs", "enroot", "llama3_hyperpod", "entrypoint.py"]
 
 
+def test_deps_key_follows_its_inputs(tmp_path: Path) -> None:
+    """The deps image is reused only when the SDK part, build args, lock and wheels are the same."""
+    context = tmp_path / "context"
+    (context / "llama3_hyperpod" / "image").mkdir(parents=True)
+    (context / "versions").mkdir()
+    for name in ("Dockerfile", "requirements.lock", "llama3_hyperpod/image/lockfilter.py", "versions/neuron.json"):
+        shutil.copy(ROOT / name, context / name)
+    req = build.BuildRequest(context=context, flavor="cpu", tag="t", build_args={"FLAVOR": "cpu"})
+    deps_text, _ = build.split_app_stage(build.flavor_dockerfile((context / "Dockerfile").read_text(), "cpu"))
+    key = build.deps_key(req, deps_text)
+    assert build.deps_key(req, deps_text) == key
+    assert build.deps_key(req, deps_text + "# changed\n") != key
+    other = build.BuildRequest(context=context, flavor="cpu", tag="t", build_args={"FLAVOR": "cpu", "X": "1"})
+    assert build.deps_key(other, deps_text) != key
+    with (context / "requirements.lock").open("a") as lock:
+        lock.write("# changed\n")
+    assert build.deps_key(req, deps_text) != key
+
+
 def test_dockerignore_sends_only_what_is_copied() -> None:
     from docker.utils.build import exclude_paths
 
