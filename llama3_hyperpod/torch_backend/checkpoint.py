@@ -254,6 +254,11 @@ class Checkpointer:
             self._finalize(step)
         self.last_stall_s = time.perf_counter() - started
 
+    @property
+    def pending(self) -> Future[Any] | None:
+        """The running async save's future (None when none runs)."""
+        return None if self._pending is None else self._pending[1]
+
     def pending_not_done(self) -> int:
         """1 when this rank's async save is still writing (for the step-boundary all_reduce), else 0."""
         return int(self._pending is not None and not self._pending[1].done())
