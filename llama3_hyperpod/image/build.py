@@ -130,6 +130,9 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
         "io.llama3-hyperpod.cache-manifest-sha256": tree_sha256(context / "neuron_cache"),
         "io.llama3-hyperpod.lock-sha256": hashlib.sha256((context / "requirements.lock").read_bytes()).hexdigest(),
     }
+    if ns.flavor == "cpu":  # the neuron stage labels its own pins; the cpu image's torch is the lock's
+        pins = re.search(r"^torch==(\S+)", (context / "requirements.lock").read_text(), flags=re.MULTILINE)
+        labels["io.llama3-hyperpod.torch"] = pins.group(1) if pins else "unknown"
     for item in ns.build_arg or ():
         name, value = parse_build_arg(item)
         args[name] = value

@@ -81,6 +81,7 @@ def test_image_metadata(cpu_image: dict[str, Any], snapshot: Path) -> None:
     config = cpu_image["inspect"]["Config"]
     labels = config["Labels"]
     assert labels["io.llama3-hyperpod.flavor"] == "cpu"
+    assert labels["io.llama3-hyperpod.torch"] == "2.13.0+cpu"
     assert labels["io.llama3-hyperpod.lock-sha256"] == build.hashlib.sha256(
         (snapshot / "requirements.lock").read_bytes()).hexdigest()
     assert labels["io.llama3-hyperpod.cache-manifest-sha256"] == build.tree_sha256(snapshot / "neuron_cache")
