@@ -6,7 +6,8 @@
 # Layers are ordered by how often they change: SDK (rarely) -> locked deps (per lock change) -> project code (often),
 # so a code-only change rebuilds the last few small layers. No secrets in any layer; the run-time image writes nothing
 # into its own paths (pyxis/enroot: non-root uid, read-only rootfs, ENTRYPOINT not run, empty $HOME).
-# Syntax is the subset both BuildKit and buildah 1.28 accept (no heredocs).
+# Syntax is the subset both BuildKit and buildah 1.28 accept (no heredocs). build.sh builds the `deps` target once per
+# (SDK, lock, wheels) and then the `app` stage alone on top of it, with the same resulting layers.
 
 ARG FLAVOR=neuron
 ARG NEURON_BASE_IMAGE=public.ecr.aws/docker/library/ubuntu:24.04
