@@ -288,6 +288,10 @@ def stream_build(client: Any, req: BuildRequest, emit: Callable[[str], None], *,
         run_build(client, emit, start, path=str(req.context), dockerfile=dockerfile.relative_to(req.context).as_posix(),
                   tag=deps_tag, target="deps", buildargs=req.build_args, nocache=req.no_cache,
                   network_mode=req.network)
+        for image in client.images.list(name=DEPS_REPO):  # untag older deps images of this flavor (disk)
+            for old_tag in image.tags:
+                if old_tag.startswith(f"{DEPS_REPO}:{req.flavor}-") and old_tag != deps_tag:
+                    client.images.remove(old_tag)
     else:
         emit(f"reusing {deps_tag} (same SDK, lock and wheels)")
     app_text = f"FROM {deps_tag}\n{app_body}"
