@@ -17,6 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import psutil
 
@@ -46,9 +47,9 @@ def _signal_workers(pid: int, signum: int) -> None:
             proc.send_signal(signum)
 
 
-def _restore(handlers: Mapping[int, object]) -> None:
+def _restore(handlers: Mapping[signal.Signals, Any]) -> None:
     for sig, handler in handlers.items():
-        signal.signal(sig, handler)  # type: ignore[arg-type]
+        signal.signal(sig, handler)
 
 
 def run(

@@ -20,7 +20,8 @@ FOUR_NODES = {
 
 
 def neuron_plan(env: dict[str, str], *overrides: str, run_name: str | None = None) -> Plan:
-    return build_plan(CONFIG_8B, overrides, detect_accelerator("neuron"), env, output_dir="/fsx/runs", run_name=run_name)
+    return build_plan(CONFIG_8B, overrides, detect_accelerator("neuron"), env, output_dir="/fsx/runs",
+                      run_name=run_name)
 
 
 def reference_env(reference: str) -> dict[str, str]:
