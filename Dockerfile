@@ -136,17 +136,19 @@ ENV PATH=/opt/venv/bin:/usr/local/nvidia/bin:/usr/local/cuda/bin:/usr/local/sbin
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The project's locked dependencies (hash-checked). WHEELHOUSE: a directory inside the build context holding the lock's
-# wheels -> offline install (--no-index); the default (versions/, which holds no wheels) installs from the index.
+# wheels -> offline install (--no-index); the default (versions/, which holds no wheels) installs from the index
+# (PyPI + PyTorch's CPU index, where the lock's torch==X+cpu lives).
 # The wheelhouse is bind-mounted, never a layer. (Docker Engine's classic builder, which the Docker API drives, has no
 # RUN --mount: build.sh rewrites this step to COPY + RUN for it; BuildKit and buildah/podman use it as written.)
 # hadolint ignore=DL3006
 FROM sdk-${FLAVOR} AS deps
 ARG WHEELHOUSE=versions
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 COPY requirements.lock llama3_hyperpod/image/lockfilter.py /opt/deps/
 RUN --mount=type=bind,source=${WHEELHOUSE},target=/tmp/wheelhouse \
     python /opt/deps/lockfilter.py --exclude-file /etc/llama3-hyperpod/lock-exclude /opt/deps/requirements.lock \
         > /opt/deps/requirements.image.txt \
-    && set -- \
+    && set -- --extra-index-url "${TORCH_CPU_INDEX}" \
     && if [ -n "$(find /tmp/wheelhouse/ -maxdepth 1 \( -name '*.whl' -o -name '*.tar.gz' \) -print -quit)" ]; then \
         set -- --no-index --find-links /tmp/wheelhouse; fi \
     && pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps "$@" \

@@ -66,7 +66,8 @@ def load_versions(path: Path = VERSIONS_FILE) -> NeuronVersions:
 
 def build_args_for(flavor: str, versions: NeuronVersions) -> dict[str, str]:
     """Build args for one flavor: the Neuron pins only where they are used, the flavor's base image always."""
-    args = {BASE_IMAGE_ARG[flavor]: versions.base_image(flavor), "FLAVOR": flavor}
+    args = {BASE_IMAGE_ARG[flavor]: versions.base_image(flavor), "FLAVOR": flavor,
+            "TORCH_CPU_INDEX": versions.get("repos", "torch_cpu_index")}
     if flavor == "neuron":
         args.update(versions.build_args())
     return args

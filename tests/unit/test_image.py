@@ -66,7 +66,8 @@ def test_dockerfile_defaults_equal_versions_file() -> None:
     """A plain `docker build .` (no build args) must pin exactly what versions/neuron.json says."""
     args = dockerfile_args()
     for name, value in load_versions().build_args().items():
-        assert args.get(name) == [value], f"Dockerfile ARG {name}={args.get(name)}, {VERSIONS_FILE.name}: {value}"
+        assert args.get(name) and set(args[name]) == {value}, \
+            f"ARG {name}={args.get(name)}, {VERSIONS_FILE.name}: {value}"
 
 
 def test_versions_file_matches_reference() -> None:
@@ -89,7 +90,8 @@ def test_every_neuron_pin_reaches_the_build() -> None:
         assert name in args
         assert "${" + name + "}" in text, f"ARG {name} is declared but never used"
     cpu = build_args_for("cpu", load_versions())
-    assert cpu == {"CPU_BASE_IMAGE": load_versions().base_image("cpu"), "FLAVOR": "cpu"}
+    assert cpu == {"CPU_BASE_IMAGE": load_versions().base_image("cpu"), "FLAVOR": "cpu",
+                   "TORCH_CPU_INDEX": "https://download.pytorch.org/whl/cpu"}
 
 
 def test_dockerfile_shape() -> None:
