@@ -170,3 +170,139 @@ def test_train_refuses_a_cache_compiled_for_another_node_count(slurm: Cluster, t
     assert f"error: compile cache {cache} was compiled for 1 nodes" in text
     assert "submit with -N 1" in text
     assert not (out / "slurm-logs").exists(), "no step may start"
+
+
+# ---- checkpoint, requeue and resume on Slurm -------------------------------------------------------------------
+
+RESUME_STEPS = 24
+RESUMABLE = ["configs/tiny_cpu.yaml", f"trainer.max_steps={RESUME_STEPS}", "model.encoder_seq_length=64",
+             "data.micro_batch_size=4", "exp_manager.checkpoint_callback_params.every_n_train_steps=5"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+
+
+def job_info(slurm: Cluster, job_id: str) -> dict[str, str]:
+    out = slurm.run("scontrol", "show", "job", "-o", job_id).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def wait_for_step(slurm: Cluster, job_id: str, run_dir: Path, step: int, log: Path) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while len(steps_logged(run_dir)) < step:
+        state = job_info(slurm, job_id).get("JobState", "?")
+        if state in TERMINAL or time.monotonic() > deadline:
+            slurm.run("scancel", job_id)
+            pytest.fail(f"job {job_id} is {state} before step {step}:\n{_read(log)}")
+        time.sleep(0.2)
+
+
+def wait_releasing(slurm: Cluster, job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
+    """Wait for the job to end; a requeued job waits for its BeginTime (~2 min), so start it now instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(slurm, job_id)
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", "0")) > 0:
+            slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        if info.get("JobState") in TERMINAL:
+            return info
+        time.sleep(1)
+    slurm.run("scancel", job_id)
+    pytest.fail(f"job {job_id} did not end within {timeout} s; batch log:\n{_read(log)}")
+
+
+def resumed_from(out: Path, job_id: str, restart: int) -> int:
+    """The step the given restart resumed from, read from its node-0 log."""
+    logs = list((out / "slurm-logs").glob(f"llama3-train-{job_id}-restart{restart}-*-node0.log"))
+    assert logs, f"no node-0 log of restart {restart}"
+    found = re.search(r"checkpoint: resumed from \S+ \(step (\d+),", _read(logs[0]))
+    assert found, _read(logs[0])[-3000:]
+    return int(found.group(1))
+
+
+def assert_every_step_once(run_dir: Path) -> None:
+    assert steps_logged(run_dir) == list(range(1, RESUME_STEPS + 1))
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm: Cluster, tmp_path: Path) -> None:
+    """Slurm's time-limit warning (`--signal=USR1@N`, here sent at once with `scancel --signal=USR1`) reaches every
+    rank; they checkpoint at the next step boundary, the step exits 85, job.sh requeues the job and the rerun
+    resumes from that checkpoint: no step lost or repeated."""
+    out = tmp_path / "runs"
+    log = tmp_path / "train-%j.out"
+    job = slurm.sbatch("enroot/train.sbatch", *RESUMABLE, nodes=2, log=log,
+                       env=job_env(out, RUN_NAME="time-limit"))
+    batch_log = tmp_path / f"train-{job}.out"
+    run = out / "time-limit"
+    wait_for_step(slurm, job, run, 7, batch_log)
+    seen = len(steps_logged(run))
+    sent = slurm.run("scancel", "--signal=USR1", job)
+    assert sent.returncode == 0, sent.stderr
+    info = wait_releasing(slurm, job, batch_log)
+    text = _read(batch_log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{text}\n{_slurm_logs(out)}"
+    assert info["Restarts"] == "1"
+    assert "step exited 85" in text and "checkpointed (exit 85), requeueing" in text
+    stop = resumed_from(out, job, 1)
+    assert seen <= stop <= seen + 2, (seen, stop)  # the signal's step boundary, not the next periodic save
+    assert_every_step_once(run)
+
+
+def _kill_node(slurm: Cluster, node: str) -> int:
+    """A node dies: its slurmd and every task process it started (found by SLURMD_NODENAME) get SIGKILL."""
+    import psutil
+
+    victims = []
+    pid_file = slurm.dir / "run" / f"slurmd-{node}.pid"
+    victims.append(psutil.Process(int(pid_file.read_text().strip())))
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("SLURMD_NODENAME") == node:
+                victims.append(proc)
+    for proc in victims:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(victims)
+
+
+def test_node_failure_fails_the_job_and_the_rerun_resumes_from_the_last_checkpoint(slurm: Cluster,
+                                                                                    tmp_path: Path) -> None:
+    """Kill node 2 (slurmd + its trainer processes) mid-run: the step fails (node 1's ranks lose their peer) and the
+    job ends. HyperPod's auto-resume then reruns it on a healthy node set; here the node comes back and the job is
+    requeued. The rerun resumes from the newest complete checkpoint: metrics.jsonl holds every step exactly once."""
+    out = tmp_path / "runs"
+    log = tmp_path / "train-%j.out"
+    job = slurm.sbatch("enroot/train.sbatch", *RESUMABLE, nodes=2, log=log, env=job_env(out, RUN_NAME="node-fail"))
+    batch_log = tmp_path / f"train-{job}.out"
+    run = out / "node-fail"
+    wait_for_step(slurm, job, run, 8, batch_log)
+    node = "l3hp-n2"
+    try:
+        assert _kill_node(slurm, node) >= 2
+        checkpoint_dir = run / "checkpoints"
+        info = wait_releasing(slurm, job, batch_log)
+        assert info["JobState"] in {"FAILED", "NODE_FAIL", "CANCELLED"}, info
+        before = [int(p.name.split("_")[1]) for p in checkpoint_dir.glob("step_*") if (p / "done").is_file()]
+        assert before, "a checkpoint was saved before the failure"
+        assert len(steps_logged(run)) >= max(before)
+    finally:
+        started = slurm.run("/usr/sbin/slurmd", "-N", node, "-f", slurm.env["SLURM_CONF"])
+        assert started.returncode == 0, started.stderr
+    for _ in range(60):  # the node re-registers (ReturnToService=2)
+        states = slurm.run("sinfo", "-h", "-N", "-o", "%N %t").stdout
+        if re.search(rf"{node} (idle|mix|alloc)", states):
+            break
+        slurm.run("scontrol", "update", f"NodeName={node}", "State=RESUME")
+        time.sleep(1)
+    requeued = slurm.run("scontrol", "requeue", job)  # what HyperPod's auto-resume does for the job
+    assert requeued.returncode == 0, requeued.stderr
+    info = wait_releasing(slurm, job, batch_log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{_read(batch_log)}\n{_slurm_logs(out)}"
+    assert resumed_from(out, job, int(info["Restarts"])) == max(before)
+    assert_every_step_once(run)
