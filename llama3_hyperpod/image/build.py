@@ -26,6 +26,9 @@ from typing import Any
 from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
 
 STAGED_WHEELHOUSE = Path("build") / "wheelhouse"
+BAKED_CACHE = "neuron_cache"  # the context folder the app stage copies to /opt/app/neuron_cache
+# What each flavor's image runs, so a baked cache can be checked against it: (backend, device or None for any).
+FLAVOR_RUNS = {"neuron": ("neuron", None), "cpu": ("torch", "cpu"), "cuda": ("torch", "cuda")}
 DEPS_REPO = "localhost/llama3-hyperpod-deps"
 API_VERSION = "1.41"  # Docker Engine 20.10+, podman 4
 _SECRETISH = re.compile(r"(TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|_KEY$|^KEY$)", re.IGNORECASE)
@@ -56,18 +59,64 @@ class BuildRequest:
     classic: bool = False
     network: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    cache: Path | None = None  # --cache DIR: baked instead of the context's neuron_cache/ (its README kept)
+
+
+def files_sha256(files: dict[str, Path]) -> str:
+    """Hash of {relative path: file} (path + content), stable across machines; 'empty' when there are none."""
+    if not files:
+        return "empty"
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode() + b"\0")
+        digest.update(hashlib.sha256(files[rel].read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def tree_files(root: Path) -> dict[str, Path]:
+    return {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()} if root.is_dir() else {}
 
 
 def tree_sha256(root: Path) -> str:
-    """Hash of a directory's files (relative path + content), stable across machines; 'empty' when there are none."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    if not files:
-        return "empty"
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+    """Hash of a directory's files (relative path + content); 'empty' when there are none."""
+    return files_sha256(tree_files(root))
+
+
+def check_cache(cache: Path, flavor: str) -> Path:
+    """--cache DIR must be a compile cache (with the manifest `compile` writes) made for what this flavor runs."""
+    from llama3_hyperpod.cache.manifest import read_manifest
+
+    cache = cache.resolve()
+    if not cache.is_dir():
+        raise UsageError(f"--cache: {cache} is not a directory")
+    try:
+        manifest = read_manifest(cache)
+    except ValueError as exc:
+        raise UsageError(f"--cache: {exc}") from None
+    if manifest is None or not manifest["compiles"]:
+        raise UsageError(f"--cache: {cache} has no manifest.json with a compile record: fill it with "
+                         "`entrypoint.py compile CONFIG` (L3HP_CACHE_DIR or compiler_cache_url pointing there)")
+    backend, device = FLAVOR_RUNS[flavor]
+    made_for = {(str(c.get("backend")), str(c.get("graph", {}).get("device"))) for c in manifest["compiles"]}
+    if not any(b == backend and device in (None, d) for b, d in made_for):
+        found = ", ".join(sorted(f"{b} on {d}" for b, d in made_for))
+        raise UsageError(f"--cache: {cache} was compiled for {found}; the {flavor} image runs {backend}"
+                         + (f" on {device}" if device else ""))
+    return cache
+
+
+def baked_cache_files(context: Path, cache: Path | None) -> dict[str, Path]:
+    """What goes to /opt/app/neuron_cache: the context's neuron_cache/, or its README plus the --cache dir's graphs
+    and manifest (locks, temp files and other bookkeeping left out)."""
+    from llama3_hyperpod.cache.manifest import MANIFEST_NAME, iter_cache_files
+
+    files = tree_files(context / BAKED_CACHE)
+    if cache is None:
+        return files
+    baked = {rel: path for rel, path in files.items() if rel == "README.md"}
+    baked |= {rel.as_posix(): cache / rel for rel in iter_cache_files(cache)}
+    baked[MANIFEST_NAME] = cache / MANIFEST_NAME
+    return baked
 
 
 def git_commit(context: Path) -> str:
@@ -124,10 +173,11 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
         args[BASE_IMAGE_ARG[ns.flavor]] = ns.base_image
     if ns.wheelhouse:
         args["WHEELHOUSE"] = stage_wheelhouse(Path(ns.wheelhouse), context)
+    cache = check_cache(Path(ns.cache), ns.flavor) if ns.cache else None
     # Labels that change with every commit go through the API, not ARG/LABEL steps: no layer depends on them.
     labels = {
         "org.opencontainers.image.revision": git_commit(context),
-        "io.llama3-hyperpod.cache-manifest-sha256": tree_sha256(context / "neuron_cache"),
+        "io.llama3-hyperpod.cache-manifest-sha256": files_sha256(baked_cache_files(context, cache)),
         "io.llama3-hyperpod.lock-sha256": hashlib.sha256((context / "requirements.lock").read_bytes()).hexdigest(),
     }
     if ns.flavor == "cpu":  # the neuron stage labels its own pins; the cpu image's torch is the lock's
@@ -149,7 +199,7 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
         raise UsageError(f"--push: tag {tag!r} names no registry (e.g. ACCOUNT.dkr.ecr.REGION.amazonaws.com/repo:tag)")
     return BuildRequest(context=context, flavor=ns.flavor, tag=tag, build_args=args, push=ns.push, sqsh=sqsh,
                         docker_host=ns.docker_host, no_cache=ns.no_cache, classic=ns.classic_builder,
-                        network=ns.network, labels=labels)
+                        network=ns.network, labels=labels, cache=cache)
 
 
 def connect(docker_host: str | None) -> tuple[Any, str]:
@@ -228,7 +278,7 @@ def deps_key(req: BuildRequest, deps_text: str) -> str:
 
 def app_context(req: BuildRequest, dockerfile_text: str, sources: Iterable[str]) -> io.BytesIO:
     """A tar of only what the app stage copies (plus its Dockerfile), honouring .dockerignore: small, so a code-only
-    rebuild does not ship the wheelhouse again."""
+    rebuild does not ship the wheelhouse again. The baked cache comes from baked_cache_files (--cache)."""
     from docker.utils.build import exclude_paths
 
     ignore = req.context / ".dockerignore"
@@ -242,10 +292,24 @@ def app_context(req: BuildRequest, dockerfile_text: str, sources: Iterable[str])
         info.size, info.mode = len(data), 0o644
         tar.addfile(info, io.BytesIO(data))
         for rel in sorted(allowed):
+            if rel.startswith(BAKED_CACHE + "/"):
+                continue
             if any(rel == src or rel.startswith(src + "/") for src in sources):
                 tar.add(req.context / rel, arcname=rel, recursive=False)
+        if BAKED_CACHE in sources:
+            tar.add(req.context / BAKED_CACHE, arcname=BAKED_CACHE, recursive=False)
+            for rel, path in sorted(baked_cache_files(req.context, req.cache).items()):
+                tar.add(path, arcname=f"{BAKED_CACHE}/{rel}", filter=_readable_by_all)
     buf.seek(0)
     return buf
+
+
+def _readable_by_all(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Baked cache files as root-owned and world-readable: the run-time uid is not the one that compiled them."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mode = 0o755 if info.mode & 0o111 else 0o644
+    return info
 
 
 def run_build(client: Any, emit: Callable[[str], None], start: float, **kwargs: Any) -> str:
@@ -352,6 +416,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--push", action="store_true", help="push the tag (ECR login through the AWS CLI)")
     p.add_argument("--sqsh", metavar="PATH", help="also import the image into an enroot squashfs at PATH")
     p.add_argument("--wheelhouse", metavar="DIR", help="wheels of requirements.lock: install offline (--no-index)")
+    p.add_argument("--cache", metavar="DIR", help="bake this compile cache (filled by `entrypoint.py compile`, "
+                   "with its manifest.json) into the image instead of neuron_cache/")
     p.add_argument("--base-image", help="base image for the flavor's SDK stage (e.g. a mirrored or local image)")
     p.add_argument("--docker-host", help="Docker API URL (default: DOCKER_HOST or the default socket)")
     p.add_argument("--build-arg", action="append", metavar="NAME=VALUE", help="extra build arg (repeatable)")

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -265,9 +266,82 @@ def test_unreachable_docker_api_is_one_line(capsys: pytest.CaptureFixture[str]) 
 
 def test_build_sh_help() -> None:
     result = subprocess.run([str(ROOT / "build.sh"), "--help"], capture_output=True, text=True, check=True)
-    for flag in ("--flavor", "--tag", "--push", "--sqsh", "--wheelhouse", "--base-image", "--docker-host"):
+    for flag in ("--flavor", "--tag", "--push", "--sqsh", "--wheelhouse", "--base-image", "--docker-host", "--cache"):
         assert flag in result.stdout
 
 
 def test_versions_file_is_json_with_comment() -> None:
     assert "_comment" in json.loads(VERSIONS_FILE.read_text())
+
+
+def _cache_dir(root: Path, backend: str, device: str) -> Path:
+    """A compile cache as `compile` leaves it: graphs, a manifest record, and bookkeeping that must not be baked."""
+    (root / "inductor" / "fxgraph" / "ab").mkdir(parents=True)
+    (root / "inductor" / "fxgraph" / "ab" / "entry").write_bytes(b"graph")
+    kernel = root / "inductor" / "ab" / "kernel.so"
+    kernel.parent.mkdir(parents=True)
+    kernel.write_bytes(b"\x7fELF")
+    kernel.chmod(0o700)  # written by another uid with a private mode: must still be readable in the image
+    (root / ".seed.lock").touch()
+    (root / "inductor" / ".x.tmp-12").write_text("half")
+    record = {"key": "k", "backend": backend, "graph": {"backend": backend, "device": device}}
+    (root / "manifest.json").write_text(json.dumps({"compiles": [record], "files": []}))
+    return root
+
+
+def _request(context: Path, *argv: str) -> build.BuildRequest:
+    return build.make_request(build.parser().parse_args([*argv, "--tag", "localhost/l3:t", "--context", str(context)]))
+
+
+def _minimal_context(tmp_path: Path) -> Path:
+    context = tmp_path / "context"
+    (context / "versions").mkdir(parents=True)
+    (context / "neuron_cache").mkdir()
+    (context / "neuron_cache" / "README.md").write_text("what this is")
+    (context / "neuron_cache" / "stale.txt").write_text("not baked when --cache is given")
+    for name in ("Dockerfile", "requirements.lock", "versions/neuron.json", ".dockerignore"):
+        shutil.copy(ROOT / name, context / name)
+    return context
+
+
+def test_cache_flag_bakes_that_cache_with_its_manifest_and_readme(tmp_path: Path) -> None:
+    context = _minimal_context(tmp_path)
+    cache = _cache_dir(tmp_path / "cache", "torch", "cpu")
+    plain = _request(context, "--flavor", "cpu")
+    req = _request(context, "--flavor", "cpu", "--cache", str(cache))
+    assert req.cache == cache.resolve()
+    baked = build.baked_cache_files(context, req.cache)
+    assert sorted(baked) == ["README.md", "inductor/ab/kernel.so", "inductor/fxgraph/ab/entry", "manifest.json"]
+    label = "io.llama3-hyperpod.cache-manifest-sha256"
+    assert req.labels[label] == build.files_sha256(baked) != plain.labels[label]
+    _, app_body = build.split_app_stage((context / "Dockerfile").read_text())
+    with tarfile.open(fileobj=build.app_context(req, "FROM x\n", build.app_sources(app_body))) as tar:
+        members = {m.name: m for m in tar.getmembers() if m.name.startswith("neuron_cache/")}
+    assert sorted(members) == [f"neuron_cache/{rel}" for rel in sorted(baked)]
+    kernel = members["neuron_cache/inductor/ab/kernel.so"]
+    assert (kernel.uid, kernel.mode) == (0, 0o755)
+
+
+@pytest.mark.parametrize(
+    ("flavor", "backend", "device", "message"),
+    [
+        ("neuron", "torch", "cpu", "was compiled for torch on cpu; the neuron image runs neuron"),
+        ("cpu", "neuron", "neuron", "was compiled for neuron on neuron; the cpu image runs torch on cpu"),
+        ("cuda", "torch", "cpu", "the cuda image runs torch on cuda"),
+    ],
+)
+def test_cache_for_another_flavor_is_refused(tmp_path: Path, flavor: str, backend: str, device: str, message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cache = _cache_dir(tmp_path / "cache", backend, device)
+    assert build.main(["--flavor", flavor, "--cache", str(cache), "--context", str(_minimal_context(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cache: ") and message in err and err.count("\n") == 1, err
+
+
+def test_cache_without_manifest_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "cache" / "inductor").mkdir(parents=True)
+    context = _minimal_context(tmp_path)
+    assert build.main(["--flavor", "cpu", "--cache", str(tmp_path / "cache"), "--context", str(context)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert build.main(["--flavor", "cpu", "--cache", str(tmp_path / "nope"), "--context", str(context)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
