@@ -101,6 +101,15 @@ def _inductor_cache_files() -> int:
     return sum(1 for p in Path(cache).rglob("*") if p.is_file())
 
 
+def _compile_cache_counters() -> str:
+    """Inductor's own hit/miss counts for this process: the evidence that a (baked) cache was used."""
+    from torch._dynamo.utils import counters
+
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return (f"compile cache: fx graph hit {inductor['fxgraph_cache_hit']} miss {inductor['fxgraph_cache_miss']}, "
+            f"aot autograd hit {aot['autograd_cache_hit']} miss {aot['autograd_cache_miss']}")
+
+
 def _checkpointer(rc: RunConfig, run_dir: Path, d: parallel.Dist, echo: bool) -> Checkpointer | None:
     """None when the config turns checkpoints off (create_checkpoint_callback false or save_top_k 0)."""
     em = rc.cfg.exp_manager
@@ -296,7 +305,8 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
             f"{result.losses[-1]:.4f} | {result.steady('tokens_per_s'):,.0f} tok/s | "
             f"MFU {100 * result.steady('mfu'):.1f}% of {peak_total / 1e12:.2f} TFLOP/s | "
             f"peak mem {max(m.memory_gib for m in result.history):.2f} GiB | "
-            f"inductor cache files {cache_before} -> {cache_after}",
+            f"inductor cache files {cache_before} -> {cache_after}"
+            + (f" | {_compile_cache_counters()}" if cfg.torch_backend.compile else ""),
             flush=True,
         )
     return result
