@@ -197,9 +197,11 @@ def _register_command_groups() -> None:
     """Commands that live beside their code; their modules import heavy libraries only when a command runs."""
     from llama3_hyperpod.cache.commands import cache
     from llama3_hyperpod.data.commands import data
+    from llama3_hyperpod.torch_backend.checkpoint_commands import checkpoint
     from llama3_hyperpod.torch_backend.commands import report, smoke
 
     main.add_command(cache)
+    main.add_command(checkpoint)
     main.add_command(data)
     main.add_command(smoke)
     main.add_command(report)

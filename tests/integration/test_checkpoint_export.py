@@ -16,7 +16,7 @@ from llama3_hyperpod.torch_backend.checkpoint_commands import checkpoint, load_m
 from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs
 from llama3_hyperpod.torch_backend.train import train
-from tests.conftest import CONFIG_TINY
+from tests.conftest import CONFIG_TINY, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -31,9 +31,9 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path: Path) -> No
     train(rc, tmp_path / "run", echo=False)
 
     out = tmp_path / "hf"
-    result = CliRunner().invoke(checkpoint, ["export", str(tmp_path / "run"), str(out)])  # the run dir: newest
-    assert result.exit_code == 0, result.output
-    assert f"{tmp_path / 'run' / CHECKPOINTS}/step_0000003" in result.output
+    result = run_cli("checkpoint", "export", str(tmp_path / "run"), str(out))  # the run dir: its newest
+    assert result.returncode == 0, result.stderr
+    assert f"{tmp_path / 'run' / CHECKPOINTS}/step_0000003" in result.stdout + result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
     hf = LlamaForCausalLM.from_pretrained(out).eval()

@@ -7,8 +7,11 @@ import pytest
 from llama3_hyperpod.cli import main
 from tests.conftest import run_cli
 
+EXPECTED = {"plan", "compile", "train", "smoke", "report", "cache", "data", "checkpoint"}
+
 
 def test_top_level_help_lists_every_command() -> None:
+    assert set(main.commands) == EXPECTED
     result = run_cli("--help")
     assert result.returncode == 0
     for name in main.commands:
