@@ -84,6 +84,7 @@ class Plan:
     rlimits: dict[str, int]
     process_group_backend: str | None  # torch.distributed backend of the torch trainer: gloo on CPU, nccl on CUDA
     effective_neuron_cc_flags: str | None
+    checkpoints: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +147,7 @@ def build_plan(
     elif not uses_default and not train_dir.startswith("s3://") and not Path(train_dir).is_dir():
         warnings.append(f"data.train_dir {train_dir} does not exist on this machine")
 
+    checkpoints = checkpoint_policy(rc, run_dir, accelerator.backend, warnings)
     overrides_out = _launch_overrides(rc, cluster, run_dir if not explicit else None, train_dir)
     if accelerator.backend == "neuron":
         commands, cc_flags = _neuron_commands(rc, cluster, env, overrides_out, nxdt_examples, cache_dir, warnings)
@@ -206,8 +208,41 @@ def build_plan(
         rlimits={"nofile": NOFILE_LIMIT} if accelerator.backend == "neuron" else {},
         process_group_backend={"cpu": "gloo", "cuda": "nccl"}.get(accelerator.device),
         effective_neuron_cc_flags=cc_flags,
+        checkpoints=checkpoints,
         warnings=warnings,
     )
+
+
+def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[str]) -> dict[str, Any]:
+    """Where checkpoints go and what survives a requeue, the same promise on both backends.
+
+    Both resume from the newest complete checkpoint under <run dir>/checkpoints (the run dir is stable per run name).
+    Only the torch trainer saves on SIGTERM/SIGUSR1; NxDT keeps its periodic cadence, so there a time limit loses
+    the steps since the last periodic save.
+    """
+    em = rc.cfg.exp_manager
+    params = em.checkpoint_callback_params
+    enabled = bool(em.create_checkpoint_callback) and params.save_top_k != 0
+    every = int(params.every_n_train_steps or 0)
+    resumes = bool(em.resume_if_exists or em.resume_from_checkpoint)
+    if not enabled:
+        warnings.append("checkpoints are off (exp_manager.create_checkpoint_callback false or save_top_k 0): "
+                        "a requeued or resubmitted job starts over")
+    elif not resumes:
+        warnings.append("exp_manager.resume_if_exists is false: a requeued or resubmitted job starts over instead of "
+                        "resuming from its checkpoints")
+    elif not every or every >= rc.cfg.trainer.max_steps:
+        warnings.append("exp_manager.checkpoint_callback_params.every_n_train_steps saves nothing before the end: "
+                        "a failure loses the whole run")
+    return {
+        "enabled": enabled,
+        "dir": str(Path(run_dir) / "checkpoints"),
+        "every_n_train_steps": every,
+        "keep": int(params.save_top_k),
+        "resume_if_exists": resumes,
+        "async": bool(em.async_checkpointing),
+        "save_on_signal": backend == "torch",
+    }
 
 
 def default_data_root(output_dir: str | Path) -> Path:

@@ -36,6 +36,13 @@ def render_plan(plan: Plan, console: Console) -> None:
     default_note = " (embedded default, built on first use)" if plan.uses_default_dataset else ""
     t.add_row("data", f"{plan.train_dir}{default_note}")
     t.add_row("compile cache", plan.compile_cache_dir)
+    ck = plan.checkpoints
+    if ck.get("enabled"):
+        t.add_row("checkpoints", f"{ck['dir']} every {ck['every_n_train_steps']} steps, keep {ck['keep']}, "
+                  f"resume {'on' if ck['resume_if_exists'] else 'OFF'}, "
+                  + ("save + requeue on SIGTERM/SIGUSR1" if ck["save_on_signal"] else "periodic saves only (NxDT)"))
+    else:
+        t.add_row("checkpoints", "off")
     console.print(t)
 
     m = Table(title=f"Memory per device ({mem.precision}, recompute {mem.recompute})")

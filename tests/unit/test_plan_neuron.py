@@ -175,3 +175,26 @@ def test_bad_slurm_env_is_one_line(env: dict[str, str], key: str) -> None:
     result = run_cli("plan", str(CONFIG_8B), "--backend", "neuron", env=env)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: {key}:") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_policy_keeps_the_resume_promise_on_both_backends() -> None:
+    plan = neuron_plan(FOUR_NODES)
+    assert plan.checkpoints == {"enabled": True, "dir": "/fsx/runs/llama3_8b_trn1/checkpoints",
+                                "every_n_train_steps": 200, "keep": 1, "resume_if_exists": True, "async": False,
+                                "save_on_signal": False}
+    assert not [w for w in plan.warnings if "checkpoint" in w or "resum" in w]
+    torch_plan = build_plan(CONFIG_8B, ["distributed_strategy.sequence_parallel=false"],
+                            detect_accelerator("torch-cpu"), {}, output_dir="/fsx/runs")
+    assert torch_plan.checkpoints["save_on_signal"] is True
+    assert torch_plan.checkpoints["dir"] == plan.checkpoints["dir"]
+
+
+@pytest.mark.parametrize(("overrides", "warning"), [
+    (("exp_manager.resume_if_exists=false",), "a requeued or resubmitted job starts over instead of resuming"),
+    (("exp_manager.create_checkpoint_callback=false",), "checkpoints are off"),
+    (("exp_manager.checkpoint_callback_params.save_top_k=0",), "checkpoints are off"),
+    (("trainer.max_steps=100", "exp_manager.checkpoint_callback_params.every_n_train_steps=100"),
+     "saves nothing before the end"),
+])
+def test_a_config_that_breaks_resume_is_warned(overrides: tuple[str, ...], warning: str) -> None:
+    assert any(warning in w for w in neuron_plan({}, *overrides).warnings)
