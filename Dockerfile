@@ -100,13 +100,13 @@ ENV PATH=/opt/venv/bin:/opt/aws/neuron/bin:/opt/amazon/efa/bin:/opt/amazon/openm
     PYTHONUNBUFFERED=1
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CPU: Debian's Python in a venv; torch (the CPU build) comes from the lock in the deps stage. g++: Inductor
-# (torch_backend.compile) compiles its CPU kernels with it; with a baked cache (build.sh --cache) it is not called.
+# CPU: Debian's Python in a venv; torch (the CPU build) comes from the lock in the deps stage. g++ and Python's
+# headers: Inductor (torch_backend.compile) compiles its CPU kernels with them; a baked cache (build.sh --cache) hits.
 FROM ${CPU_BASE_IMAGE} AS sdk-cpu
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
-        g++ \
+        g++ python3-dev \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
     && python3 -m venv /opt/venv \
     && install -d /etc/llama3-hyperpod \
@@ -117,7 +117,8 @@ ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
     PYTHONUNBUFFERED=1
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CUDA (optional): torch for CUDA from PyTorch's index replaces the lock's CPU torch; g++ for Triton's launchers.
+# CUDA (optional): torch for CUDA from PyTorch's index replaces the lock's CPU torch; g++ and Python's headers for
+# Triton's launchers and Inductor.
 FROM ${CUDA_BASE_IMAGE} AS sdk-cuda
 ARG DEBIAN_FRONTEND=noninteractive
 ARG TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128
@@ -125,7 +126,7 @@ ARG TORCH_CUDA_VERSION=2.13.0
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv g++ \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv g++ python3-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_CUDA_INDEX}" "torch==${TORCH_CUDA_VERSION}" \
