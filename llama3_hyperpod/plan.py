@@ -387,6 +387,12 @@ def _torch_commands(
     wanted = {"OMP_NUM_THREADS": str(max(1, cpus // rc.layout.devices_per_node))}
     if not cache_dir.startswith("s3://"):
         wanted["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
+    if acc.device == "cpu":
+        # Inductor keeps its precompiled header in /tmp/torchinductor_<user>, outside TORCHINDUCTOR_CACHE_DIR, and
+        # rebuilds it in every fresh container even when every kernel hits the cache (bench/warm_start.py measured
+        # seconds of g++ per start): off, so a baked cache makes a start compile nothing. Part of the cache key:
+        # compile and train get the same value.
+        wanted["TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"] = "0"
     added, kept = _set_if_unset(wanted, env)
 
     def argv(mode: str) -> list[str]:
