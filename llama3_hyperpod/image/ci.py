@@ -64,9 +64,10 @@ def copy_context(dest: Path) -> Path:
     return dest
 
 
-def pyxis_run(image: str, argv: Sequence[str], *, mounts: Mapping[Path, str] = {}, env: Mapping[str, str] = {},
-              workdir: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run argv in the image as pyxis/enroot would: uid 1000, read-only rootfs, ENTRYPOINT skipped, $HOME empty."""
+def pyxis_argv(image: str, argv: Sequence[str], *, mounts: Mapping[Path, str] = {}, env: Mapping[str, str] = {},
+               workdir: str | None = None) -> list[str]:
+    """The podman command line that runs argv as pyxis/enroot would: uid 1000, read-only rootfs, ENTRYPOINT skipped,
+    a tmpfs /tmp, $HOME not writable."""
     cmd = ["podman", "run", "--rm", "--user", "1000:1000", "--read-only", "--entrypoint", "",
            "--tmpfs", "/tmp:rw,mode=1777", "--network", "host", "-e", "HOME=/nonexistent"]
     for src, dst in mounts.items():
@@ -75,4 +76,11 @@ def pyxis_run(image: str, argv: Sequence[str], *, mounts: Mapping[Path, str] = {
         cmd += ["-e", f"{name}={value}"]
     if workdir:
         cmd += ["--workdir", workdir]
-    return subprocess.run([*cmd, image, *argv], capture_output=True, text=True, timeout=timeout, check=False)
+    return [*cmd, image, *argv]
+
+
+def pyxis_run(image: str, argv: Sequence[str], *, mounts: Mapping[Path, str] = {}, env: Mapping[str, str] = {},
+              workdir: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run argv in the image as pyxis/enroot would (see pyxis_argv) and capture its output."""
+    return subprocess.run(pyxis_argv(image, argv, mounts=mounts, env=env, workdir=workdir), capture_output=True,
+                          text=True, timeout=timeout, check=False)

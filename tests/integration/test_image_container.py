@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -31,10 +32,10 @@ def podman_env() -> dict[str, str]:
         pytest.skip(f"podman setup failed: {exc}")
 
 
-def build_cpu(context: Path, tag: str, env: dict[str, str], lines: list[str]) -> int:
+def build_cpu(context: Path, tag: str, env: dict[str, str], lines: list[str], *extra: str) -> int:
     return build.main(["--flavor", "cpu", "--tag", tag, "--base-image", env["LLAMA3_CI_BASE_IMAGE"],
                        "--wheelhouse", str(ci.ensure_wheelhouse()), "--docker-host", env["DOCKER_HOST"],
-                       "--context", str(context)], emit=lines.append)
+                       "--context", str(context), *extra], emit=lines.append)
 
 
 @pytest.fixture(scope="session")
@@ -93,18 +94,49 @@ def test_image_metadata(cpu_image: dict[str, Any], snapshot: Path) -> None:
 
 
 def test_smoke_runs_like_pyxis(cpu_image: dict[str, Any], tmp_path: Path) -> None:
-    help_text = ci.pyxis_run(cpu_image["tag"], ["python", "/opt/app/entrypoint.py", "--help"]).stdout
-    if " smoke " not in help_text:
-        pytest.skip("entrypoint.py has no `smoke` command yet")
-    smoke_help = ci.pyxis_run(cpu_image["tag"], ["python", "/opt/app/entrypoint.py", "smoke", "--help"]).stdout
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o777)
-    argv = ["python", "/opt/app/entrypoint.py", "smoke"] + (["--output-dir", "/out"] if "--output-dir" in smoke_help
-                                                            else [])
+    argv = ["python", "/opt/app/entrypoint.py", "smoke", "--output-dir", "/out"]
     result = ci.pyxis_run(cpu_image["tag"], argv, mounts={out: "/out"}, workdir="/out", timeout=420)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
-    assert "PASS" in result.stdout + result.stderr
+    assert "smoke: PASS (cpu)" in result.stdout + result.stderr
+
+
+def test_compile_in_the_image_then_the_baked_cache_hits_in_a_fresh_container(
+        cpu_image: dict[str, Any], podman_env: dict[str, str], snapshot: Path, tmp_path: Path) -> None:
+    """`compile` (torch.compile, Inductor's C++ kernels) works in the cpu image; `build.sh --cache` bakes what it
+    wrote; a fresh read-only container seeds it into its tmpfs and trains without compiling anything."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    for path in (out, cache):
+        path.mkdir()
+        path.chmod(0o777)
+    config = ["configs/tiny_cpu.yaml", "torch_backend.compile=true", "model.encoder_seq_length=64"]
+    compiled = ci.pyxis_run(cpu_image["tag"], ["python", "/opt/app/entrypoint.py", "compile", *config,
+                                               "--output-dir", "/out"],
+                            mounts={out: "/out", cache: "/cache"}, env={"L3HP_CACHE_DIR": "/cache"},
+                            workdir="/opt/app", timeout=600)
+    assert compiled.returncode == 0, (compiled.stdout[-2000:], compiled.stderr[-3000:])
+    assert "compile: cache manifest /cache/manifest.json" in compiled.stderr
+    assert list((cache / "inductor").rglob("*.so")), "Inductor compiled no C++ kernel"
+
+    lines: list[str] = []
+    tag = TAG + "-cache"
+    assert build_cpu(snapshot, tag, podman_env, lines, "--cache", str(cache)) == 0, "\n".join(lines[-40:])
+    try:
+        verify = ci.pyxis_run(tag, ["python", "/opt/app/entrypoint.py", "cache", "verify", *config, "--cache-dir",
+                                    "/opt/app/neuron_cache"], workdir="/opt/app")
+        assert verify.returncode == 0, (verify.stdout, verify.stderr)
+        trained = ci.pyxis_run(tag, ["python", "/opt/app/entrypoint.py", "train", *config, "trainer.max_steps=2",
+                                     "--output-dir", "/out", "--run-name", "warm"], mounts={out: "/out"},
+                               workdir="/opt/app", timeout=600)
+        text = trained.stdout + trained.stderr
+        assert trained.returncode == 0, text[-4000:]
+        assert "cache: seeded /tmp/llama3-hyperpod-cache from /opt/app/neuron_cache" in text
+        hits = re.search(r"fx graph hit (\d+) miss (\d+)", text)
+        assert hits and int(hits.group(1)) > 0 and int(hits.group(2)) == 0, text[-3000:]
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, check=False)
 
 
 def test_code_only_change_rebuilds_only_the_last_layers(cpu_image: dict[str, Any], podman_env: dict[str, str],
