@@ -1,13 +1,15 @@
 """Training batches from the Arrow dataset NxDT reads (`datasets.save_to_disk`: input_ids, labels per row).
 
-Each optimizer step consumes the next `global_batch_size` rows in order (no shuffle, wrapping around at the end);
-within a step, micro-batch m of dp rank r is the contiguous slice [m*mbs*dp + r*mbs, +mbs) of those rows, as in
-Megatron/NxDT's pretraining sampler. Any (dp, accumulation) split of one global batch therefore sees the same rows.
+Each optimizer step consumes the next `global_batch_size` rows of a sequence that visits every row once per pass:
+in order, or (the trainer's default) in a random order per pass drawn from the config's seed, so that consecutive
+steps do not all come from the same source file of a packed corpus. Within a step, micro-batch m of dp rank r is the
+contiguous slice [m*mbs*dp + r*mbs, +mbs) of those rows, as in Megatron/NxDT's pretraining sampler. Any
+(dp, accumulation) split of one global batch therefore sees the same rows, and a resume needs only the step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ class Batches:
     grad_accum_steps: int
     device: str = "cpu"
     row_offset: int = 0  # rows consumed before step 0 of this numbering (a resume after a global batch change)
+    shuffle_seed: int | None = None  # None: rows in stored order; else a permutation per pass from (seed, pass)
+    _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def global_batch_size(self) -> int:
@@ -68,13 +72,24 @@ class Batches:
         """(tokens, targets) of shape (mbs, seq); targets are labels shifted left, the last position ignored."""
         start = self.row_offset + step * self.global_batch_size
         start += (micro * self.dp + self.dp_rank) * self.micro_batch_size
-        rows = [(start + i) % len(self.dataset) for i in range(self.micro_batch_size)]
+        rows = [self.row(start + i) for i in range(self.micro_batch_size)]
         batch = self.dataset[rows]
         tokens = np.asarray(batch["input_ids"], dtype=np.int64)[:, : self.seq_len]
         labels = np.asarray(batch["labels"] if "labels" in batch else batch["input_ids"], dtype=np.int64)
         targets = np.full_like(tokens, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1 : self.seq_len]
         return torch.from_numpy(tokens).to(self.device), torch.from_numpy(targets).to(self.device)
+
+
+    def row(self, position: int) -> int:
+        """The dataset row at this position of the (endless) sequence of passes over the dataset."""
+        n = len(self.dataset)
+        epoch, index = divmod(position, n)
+        if self.shuffle_seed is None:
+            return index
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.shuffle_seed, epoch]).permutation(n)}
+        return int(self._orders[epoch][index])
 
 
 def write_token_dataset(out_dir: Path, tokens: np.ndarray, seq_len: int) -> int:

@@ -37,6 +37,26 @@ def test_dp_ranks_take_contiguous_slices_of_the_same_global_batch(numbered: Path
     assert rows_single == rows_dp == list(range(8, 16))
 
 
+def test_shuffled_passes_visit_every_row_once_and_split_like_the_ordered_ones(numbered: Path) -> None:
+    ds = load_train_dataset(str(numbered), seq_len=8)
+
+    def rows(dp: int, accum: int, steps: range, seed: int | None = 7) -> list[int]:
+        out = []
+        for step in steps:
+            for m in range(accum):
+                for r in range(dp):
+                    b = Batches(ds, 8, micro_batch_size=2, dp=dp, dp_rank=r, grad_accum_steps=accum,
+                                shuffle_seed=seed)
+                    out += [int(t[0]) // 8 for t in b.get(step=step, micro=m)[0]]
+        return out
+
+    first_pass, second_pass = rows(2, 2, range(5)), rows(2, 2, range(5, 10))  # 40 rows, 8 per step
+    assert sorted(first_pass) == sorted(second_pass) == list(range(40))  # a permutation per pass
+    assert first_pass != list(range(40)) and first_pass != second_pass  # shuffled, differently each pass
+    assert rows(1, 4, range(5)) == first_pass == rows(4, 1, range(5))  # same rows whatever the split
+    assert rows(2, 2, range(5), seed=8) != first_pass and rows(2, 2, range(5), seed=None) == list(range(40))
+
+
 def test_targets_are_labels_shifted_with_last_ignored_and_wraparound(numbered: Path) -> None:
     ds = load_train_dataset(str(numbered), seq_len=8)
     tokens, targets = Batches(ds, 8, micro_batch_size=1, dp=1, dp_rank=0, grad_accum_steps=1).get(step=41, micro=0)
