@@ -144,11 +144,11 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
         verdict = verify(result)
         if verdict.status in ("miss", "unknown"):
             click.echo(f"warning: {verdict.message()}", err=True)
-    from llama3_hyperpod.exitcodes import REQUEUE_MARKER
+    from llama3_hyperpod.exitcodes import requeue_marker
     from llama3_hyperpod.launch import run
 
     start = time.monotonic()
-    code = run(launch, result.rlimits, requeue_marker=run_dir / REQUEUE_MARKER)
+    code = run(launch, result.rlimits, requeue_marker=requeue_marker(run_dir, result.cluster["node_rank"]))
     if mode == "compile" and code == 0 and cache_is_local:
         from llama3_hyperpod.cache.manifest import write_manifest
 

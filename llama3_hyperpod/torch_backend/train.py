@@ -8,7 +8,7 @@ torch.compile fills TORCHINDUCTOR_CACHE_DIR, then exits 0.
 
 Checkpoints (checkpoint.py) go to <run-dir>/checkpoints every exp_manager.checkpoint_callback_params
 .every_n_train_steps steps and at the end; a run resumes by itself from the newest complete one. SIGTERM or
-SIGUSR1 make every rank checkpoint at the next step boundary; rank 0 then writes <run-dir>/.requeue and all
+SIGUSR1 make every rank checkpoint at the next step boundary; each node then writes <run-dir>/.requeue-node<N> and all
 exit 85 (llama3_hyperpod.exitcodes), which the launcher and enroot/job.sh turn into a requeue.
 """
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812  (the universal PyTorch spelling)
 from torch.distributed.tensor import DTensor
 
 from llama3_hyperpod.config import ConfigError, RunConfig, load_config
-from llama3_hyperpod.exitcodes import EXIT_REQUEUE, REQUEUE_MARKER
+from llama3_hyperpod.exitcodes import EXIT_REQUEUE, requeue_marker
 from llama3_hyperpod.torch_backend import parallel
 from llama3_hyperpod.torch_backend.checkpoint import Checkpointer, CheckpointError, stderr_log
 from llama3_hyperpod.torch_backend.data import IGNORE_INDEX, Batches, load_train_dataset
@@ -291,9 +291,12 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
         writer.close()  # also on a failed save: frees the files (a full disk can then be unmounted)
     result.wall_s = time.perf_counter() - started
     if result.requeue:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            # After the checkpoint is complete, once per node: its launcher turns the marker into exit 85 (torchrun
+            # reports 1 for any failed worker). torchrun's GROUP_RANK is the node rank.
+            marker = requeue_marker(run_dir, int(os.environ.get("GROUP_RANK", "0")))
+            marker.write_text(f"{start_step + len(result.losses)}\n", encoding="utf-8")
         if d.is_main:
-            # After the checkpoint is complete: the launcher turns this marker into exit 85 (torchrun says 1).
-            (run_dir / REQUEUE_MARKER).write_text(f"{start_step + len(result.losses)}\n", encoding="utf-8")
             stderr_log(f"train: stopped after step {start_step + len(result.losses)} for a requeue "
                        f"(exit {EXIT_REQUEUE})")
         return result
