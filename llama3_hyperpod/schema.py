@@ -141,6 +141,7 @@ class TorchBackendSection:
 
     compile: bool = True
     peak_tflops: float | None = None
+    shuffle: bool = True  # each pass over the dataset in a random order drawn from `seed`; false: stored order
 
 
 @dataclass

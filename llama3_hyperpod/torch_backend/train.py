@@ -183,7 +183,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
         constant_steps=sched.constant_steps,
     )
     batches = Batches(dataset, rc.seq_len, rc.micro_batch_size, d.dp, d.dp_rank, rc.grad_accum_steps, device,
-                      shuffle_seed=cfg.seed)
+                      shuffle_seed=cfg.seed if cfg.torch_backend.shuffle else None)
 
     ckpt = _checkpointer(rc, run_dir, d, echo) if mode == "train" else None
     start_step = 0
