@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import statistics
@@ -332,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = load_config(args.config, args.overrides)
         result = train(rc, args.run_dir, mode=args.mode, device=args.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank is done with every collective before any tears down
     except ConfigError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {exc}", file=sys.stderr)
@@ -342,9 +345,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         if torch.distributed.is_initialized():
+            gc.collect()  # the model, optimizer and the collective work they hold go while the process group lives
             torch.distributed.destroy_process_group()
     return EXIT_REQUEUE if result.requeue else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Leave without interpreter finalization: gloo's worker threads may still hold tensors then, and freeing them
+    # while the interpreter is torn down aborts the process ("terminate called without an active exception"; seen
+    # here once after a complete 2-rank run, which torchrun then reported as failed). All output is written by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
