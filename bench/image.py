@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama3_hyperpod.image import build, ci
+from llama3_hyperpod.image import ci
 
 TARGET = 0.05
 TAG = "localhost/llama3-hyperpod:cpu-bench"
@@ -27,9 +27,7 @@ TAG = "localhost/llama3-hyperpod:cpu-bench"
 def timed_build(context: Path, env: dict[str, str], *extra: str) -> float:
     lines: list[str] = []
     start = time.monotonic()
-    rc = build.main(["--flavor", "cpu", "--tag", TAG, "--base-image", env["LLAMA3_CI_BASE_IMAGE"],
-                     "--wheelhouse", str(ci.ensure_wheelhouse()), "--docker-host", env["DOCKER_HOST"],
-                     "--context", str(context), *extra], emit=lines.append)
+    rc = ci.build_cpu_image(context, TAG, env, lines, *extra)
     if rc != 0:
         sys.exit("\n".join(lines[-30:]) + f"\nbuild failed ({rc})")
     return time.monotonic() - start

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama3_hyperpod.image import build, ci
+from llama3_hyperpod.image import ci
 
 TARGET = 0.15
 COLD_TAG = "localhost/llama3-hyperpod:cpu-bench-nocache"
@@ -36,9 +36,7 @@ COUNTERS = re.compile(r"fx graph hit (\d+) miss (\d+), aot autograd hit (\d+) mi
 
 def image(context: Path, env: dict[str, str], tag: str, *extra: str) -> None:
     lines: list[str] = []
-    rc = build.main(["--flavor", "cpu", "--tag", tag, "--base-image", env["LLAMA3_CI_BASE_IMAGE"],
-                     "--wheelhouse", str(ci.ensure_wheelhouse()), "--docker-host", env["DOCKER_HOST"],
-                     "--context", str(context), *extra], emit=lines.append)
+    rc = ci.build_cpu_image(context, tag, env, lines, *extra)
     if rc != 0:
         sys.exit("\n".join(lines[-30:]) + f"\nbuild of {tag} failed ({rc})")
     print(lines[-1], flush=True)

@@ -223,7 +223,7 @@ def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[
     em = rc.cfg.exp_manager
     params = em.checkpoint_callback_params
     enabled = bool(em.create_checkpoint_callback) and params.save_top_k != 0
-    every = int(params.every_n_train_steps or 0)
+    every = int(params.every_n_train_steps)  # >= 1 (config rule)
     resumes = bool(em.resume_if_exists or em.resume_from_checkpoint)
     if not enabled:
         warnings.append("checkpoints are off (exp_manager.create_checkpoint_callback false or save_top_k 0): "
@@ -231,7 +231,7 @@ def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[
     elif not resumes:
         warnings.append("exp_manager.resume_if_exists is false: a requeued or resubmitted job starts over instead of "
                         "resuming from its checkpoints")
-    elif not every or every >= rc.cfg.trainer.max_steps:
+    elif every >= rc.cfg.trainer.max_steps:
         warnings.append("exp_manager.checkpoint_callback_params.every_n_train_steps saves nothing before the end: "
                         "a failure loses the whole run")
     return {

@@ -52,6 +52,16 @@ def ensure_wheelhouse(lock: Path = REPO_ROOT / "requirements.lock", exclude: Seq
     return dest
 
 
+def build_cpu_image(context: Path, tag: str, env: Mapping[str, str], lines: list[str], *extra: str) -> int:
+    """`build.sh --flavor cpu` the way CI builds it: podman's API, the local Debian base, the cached wheelhouse.
+    Returns build.main's exit code; the build log goes to `lines`."""
+    from llama3_hyperpod.image import build
+
+    return build.main(["--flavor", "cpu", "--tag", tag, "--base-image", env["LLAMA3_CI_BASE_IMAGE"],
+                       "--wheelhouse", str(ensure_wheelhouse()), "--docker-host", env["DOCKER_HOST"],
+                       "--context", str(context), *extra], emit=lines.append)
+
+
 def copy_context(dest: Path) -> Path:
     """A throw-away copy of the build context that a test may modify."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ contiguous slice [m*mbs*dp + r*mbs, +mbs) of those rows, as in Megatron/NxDT's p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,6 @@ class Batches:
     device: str = "cpu"
     row_offset: int = 0  # rows consumed before step 0 of this numbering (a resume after a global batch change)
     shuffle_seed: int | None = None  # None: rows in stored order; else a permutation per pass from (seed, pass)
-    _orders: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def global_batch_size(self) -> int:
@@ -80,16 +80,17 @@ class Batches:
         targets[:, :-1] = labels[:, 1 : self.seq_len]
         return torch.from_numpy(tokens).to(self.device), torch.from_numpy(targets).to(self.device)
 
-
     def row(self, position: int) -> int:
         """The dataset row at this position of the (endless) sequence of passes over the dataset."""
-        n = len(self.dataset)
-        epoch, index = divmod(position, n)
+        epoch, index = divmod(position, len(self.dataset))
         if self.shuffle_seed is None:
             return index
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.shuffle_seed, epoch]).permutation(n)}
-        return int(self._orders[epoch][index])
+        return int(_pass_order(self.shuffle_seed, epoch, len(self.dataset))[index])
+
+
+@functools.lru_cache(maxsize=2)  # the current pass, and the next one when a step straddles the boundary
+def _pass_order(seed: int, epoch: int, rows: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(rows)
 
 
 def write_token_dataset(out_dir: Path, tokens: np.ndarray, seq_len: int) -> int:

@@ -32,12 +32,6 @@ def podman_env() -> dict[str, str]:
         pytest.skip(f"podman setup failed: {exc}")
 
 
-def build_cpu(context: Path, tag: str, env: dict[str, str], lines: list[str], *extra: str) -> int:
-    return build.main(["--flavor", "cpu", "--tag", tag, "--base-image", env["LLAMA3_CI_BASE_IMAGE"],
-                       "--wheelhouse", str(ci.ensure_wheelhouse()), "--docker-host", env["DOCKER_HOST"],
-                       "--context", str(context), *extra], emit=lines.append)
-
-
 @pytest.fixture(scope="session")
 def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The build context frozen at session start, so later edits to the checkout cannot change what is compared."""
@@ -48,7 +42,7 @@ def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cpu_image(podman_env: dict[str, str], snapshot: Path) -> dict[str, Any]:
     lines: list[str] = []
     start = time.monotonic()
-    rc = build_cpu(snapshot, TAG, podman_env, lines)
+    rc = ci.build_cpu_image(snapshot, TAG, podman_env, lines)
     assert rc == 0, "\n".join(lines[-40:])
     inspect = json.loads(subprocess.run(["podman", "image", "inspect", TAG], capture_output=True, text=True,
                                         check=True).stdout)[0]
@@ -122,7 +116,7 @@ def test_compile_in_the_image_then_the_baked_cache_hits_in_a_fresh_container(
 
     lines: list[str] = []
     tag = TAG + "-cache"
-    assert build_cpu(snapshot, tag, podman_env, lines, "--cache", str(cache)) == 0, "\n".join(lines[-40:])
+    assert ci.build_cpu_image(snapshot, tag, podman_env, lines, "--cache", str(cache)) == 0, "\n".join(lines[-40:])
     try:
         verify = ci.pyxis_run(tag, ["python", "/opt/app/entrypoint.py", "cache", "verify", *config, "--cache-dir",
                                     "/opt/app/neuron_cache"], workdir="/opt/app")
@@ -148,7 +142,7 @@ def test_code_only_change_rebuilds_only_the_last_layers(cpu_image: dict[str, Any
     tag = TAG + "-edit"
     lines: list[str] = []
     start = time.monotonic()
-    assert build_cpu(context, tag, podman_env, lines) == 0, "\n".join(lines[-40:])
+    assert ci.build_cpu_image(context, tag, podman_env, lines) == 0, "\n".join(lines[-40:])
     seconds = time.monotonic() - start
     before = cpu_image["inspect"]["RootFS"]["Layers"]
     after = json.loads(subprocess.run(["podman", "image", "inspect", tag], capture_output=True, text=True,
