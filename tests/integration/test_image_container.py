@@ -18,7 +18,8 @@ from llama3_hyperpod.image import build, ci
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 
-TAG = "localhost/llama3-hyperpod:cpu-ci"
+# L3HP_CI_IMAGE_TAG: several checkouts on one machine (worktrees) build side by side without clobbering a tag.
+TAG = os.environ.get("L3HP_CI_IMAGE_TAG", "localhost/llama3-hyperpod:cpu-ci")
 
 
 @pytest.fixture(scope="session")
