@@ -67,6 +67,19 @@ def make_plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: 
                       nxdt_examples=nxdt_examples, require_data=require_data)
 
 
+def plan_for_this_machine(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
+                          output_dir: str, nxdt_examples: str | None) -> Plan:
+    """`plan` with --backend auto on a machine without NeuronCores (a login node, a laptop): a config that cannot run
+    on this CPU is planned for Trainium instead, with a warning saying so, rather than refused for CPU memory."""
+    result = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
+    if backend != "auto" or result.backend != "torch" or result.device != "cpu" or result.memory.fits is not False:
+        return result
+    neuron = make_plan(config, overrides, "neuron", run_name, output_dir, nxdt_examples)
+    neuron.warnings.insert(0, f"no NeuronCores here and this config needs {result.memory.total / 2**30:.1f} GiB per "
+                              f"CPU rank: planned for {neuron.instance} (--backend torch-cpu plans for this CPU)")
+    return neuron
+
+
 def check_memory(plan: Plan) -> None:
     mem = plan.memory
     if mem.fits is False:
@@ -96,7 +109,7 @@ def plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str |
 
     Exits 2 when the memory estimate does not fit the device.
     """
-    result = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
+    result = plan_for_this_machine(config, overrides, backend, run_name, output_dir, nxdt_examples)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -134,6 +147,10 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
         prepare_torch_data(result)
     run_dir = Path(result.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if result.backend == "neuron":
+        Path(launch.cwd).mkdir(parents=True, exist_ok=True)
+        if mode == "train":
+            pin_neuron_resume(result)
     (run_dir / f"plan-{mode}-node{result.cluster['node_rank']}.json").write_text(json.dumps(result.to_dict(), indent=2))
     cache_is_local = not result.compile_cache_dir.startswith("s3://")
     if cache_is_local:
@@ -155,6 +172,17 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
         written = write_manifest(result.compile_cache_dir, result, compile_seconds=time.monotonic() - start)
         click.echo(f"compile: cache manifest {written}", err=True)
     sys.exit(code)
+
+
+def pin_neuron_resume(result: Plan) -> None:
+    """Say which checkpoint NxDT resumes from (the plan pinned it) and, on node 0, move incomplete newer ones aside
+    so neither NxDT's newest-by-mtime rule nor a later save can use them."""
+    from llama3_hyperpod.neuron import checkpoints
+
+    ckpt = result.checkpoints
+    if result.cluster["node_rank"] == 0 and ckpt.get("incomplete_newer"):
+        checkpoints.move_aside(checkpoints.choose(Path(ckpt["dir"])), Path(ckpt["dir"]))
+    click.echo(f"resume: {ckpt.get('resume', 'no checkpoint')}", err=True)
 
 
 def seed_baked_cache(runtime: Path) -> None:

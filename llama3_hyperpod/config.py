@@ -1,13 +1,16 @@
-"""Load an NxDT-format YAML, apply `a.b.c=value` overrides and check every cross-field rule before anything runs.
+"""Load an NxDT-format YAML the way NxDT does (Hydra compose + overrides), then check every rule before anything runs.
 
-Every problem with the user's input surfaces as a `ConfigError` naming the key to fix; the CLI turns it into one line
-on stderr and exit code 2.
+Composition is Hydra's own (llama3_hyperpod/overrides.py), so an override is accepted here exactly when NxDT's
+orchestrator would accept it. On top of that: every key is checked against what NxDT really reads
+(llama3_hyperpod/nxdt_keys.py), the keys we interpret are typed (llama3_hyperpod/schema.py), relative paths are made
+absolute (a YAML's against its folder, an override's against the working directory) and every cross-field rule is
+checked. Every problem is a `ConfigError` naming the key; the CLI turns it into one line and exit code 2.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, is_dataclass
@@ -15,26 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llama3_hyperpod import schema
+from llama3_hyperpod import nxdt_keys, overrides, schema
+from llama3_hyperpod.errors import ConfigError
 
-_OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)=(?P<value>.*)$", re.DOTALL)
+__all__ = ["PATH_KEYS", "ConfigError", "Layout", "ModelShape", "RunConfig", "load_config", "tokenizer_path"]
+
+# NeMo registers `multiply` on import (nemo/core/classes/modelPT.py: `OmegaConf.register_new_resolver("multiply",
+# lambda x, y: x * y, replace=True)`); NxDT's example configs use it for checkpoint_callback_params.model_parallel_size.
+if not OmegaConf.has_resolver("multiply"):
+    OmegaConf.register_new_resolver("multiply", lambda x, y: x * y)
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# Keys holding filesystem paths: resolved against the YAML's folder when written in the YAML, against the
-# working directory when given as an override.
+# Keys holding filesystem paths: a relative one is resolved against the YAML's folder when the YAML sets it, against
+# the working directory when an override does. `data.tokenizer.type` may also be a hub name: resolved only if it exists.
 PATH_KEYS = ("model.model_config", "data.train_dir", "data.val_dir", "data.test_dir", "data.tokenizer",
-             "exp_manager.explicit_log_dir")
-
-
-class ConfigError(Exception):
-    """Bad user input: `key` is the dotted config key (or file) to fix, `message` says what is wrong."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
+             "data.tokenizer.type", "exp_manager.explicit_log_dir", "exp_manager.resume_from_checkpoint",
+             "exp_manager.checkpoint_callback_params.dirpath")
+_MAYBE_NAME_KEYS = ("data.tokenizer.type",)
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class ModelShape:
 
     @property
     def head_dim(self) -> int:
+        # NxDT sets head_dim = hidden_size // num_attention_heads whatever config.json says (llama_model.py:50)
         return self.hidden_size // self.num_attention_heads
 
     def parameter_count(self) -> int:
@@ -87,14 +92,19 @@ class Layout:
 @dataclass(frozen=True)
 class RunConfig:
     path: Path
-    overrides: tuple[str, ...]
-    cfg: DictConfig
+    overrides: tuple[str, ...]  # as the user wrote them
+    nxdt_overrides: tuple[str, ...]  # the same, with relative paths made absolute: what NxDT must receive
+    cfg: DictConfig  # the typed view of the keys we interpret (defaults filled in)
+    raw: DictConfig  # everything NxDT will see, interpolations resolved
     model: ModelShape
     layout: Layout
     seq_len: int
     micro_batch_size: int
     global_batch_size: int
     grad_accum_steps: int
+    yaml_path_fixes: tuple[str, ...] = ()  # overrides that carry the YAML's relative paths to NxDT as absolute ones
+    present: frozenset[str] = frozenset()  # keys of YAML + user overrides: a derived override of any other needs ++
+    warnings: tuple[str, ...] = ()
 
     @property
     def tokens_per_step(self) -> int:
@@ -103,164 +113,201 @@ class RunConfig:
 
 def load_config(
     path: str | Path,
-    overrides: Sequence[str] = (),
+    overrides_: Sequence[str] = (),
     *,
     num_nodes: int | None = None,
     require_data: bool = False,
 ) -> RunConfig:
-    """Read, merge and validate. `num_nodes` (from Slurm) wins over trainer.num_nodes, as NxDT's train.sh does."""
+    """Compose, check and derive. `num_nodes` (from Slurm) wins over trainer.num_nodes, as NxDT's train.sh does."""
     config_path = Path(path).resolve()
-    user = _read_yaml(config_path)
-    _resolve_paths(user, base=config_path.parent)
-    parsed = [_parse_override(item) for item in overrides]
+    _check_yaml_file(config_path, shown=str(path))
+    items = list(overrides_)
+    try:
+        composed = overrides.compose(config_path, items)
+    except ConfigError as exc:
+        raise ConfigError(str(path), exc.message) if exc.key == "CONFIG" else exc from None
+    present = overrides.present_keys(composed)
     if num_nodes is not None:
-        parsed.append(("trainer.num_nodes", num_nodes))
+        OmegaConf.update(composed, "trainer.num_nodes", num_nodes, force_add=True)
+    nxdt_items, yaml_fixes = _absolute_paths(composed, items, base=config_path.parent)
+    raw = _resolved(composed)
+    warnings = _check_keys(raw)
+    typed = _typed(raw)
+    OmegaConf.set_readonly(typed, True)
+    OmegaConf.set_readonly(raw, True)
 
-    merged = _merge_into_schema(user, source=str(path))
-    for key, value in parsed:
-        is_path = key in PATH_KEYS and isinstance(value, str) and value and not value.startswith("s3://")
-        _apply_override(merged, key, str(Path(value).resolve()) if is_path else value)
-    _resolve_interpolations(merged)
-    OmegaConf.set_readonly(merged, True)
-
-    model = load_model_shape(merged)
-    layout = _layout(merged)
+    model = load_model_shape(typed)
+    layout = _layout(typed)
+    seq_len = typed.data.seq_length or typed.model.encoder_seq_length
     rc = RunConfig(
         path=config_path,
-        overrides=tuple(overrides),
-        cfg=merged,
+        overrides=tuple(items),
+        nxdt_overrides=tuple(nxdt_items),
+        cfg=typed,
+        raw=raw,
         model=model,
         layout=layout,
-        seq_len=merged.model.encoder_seq_length,
-        micro_batch_size=merged.data.micro_batch_size,
-        global_batch_size=merged.data.global_batch_size,
-        grad_accum_steps=max(1, merged.data.global_batch_size // max(1, merged.data.micro_batch_size * layout.dp)),
+        seq_len=seq_len,
+        micro_batch_size=typed.data.micro_batch_size,
+        global_batch_size=typed.data.global_batch_size,
+        grad_accum_steps=max(1, typed.data.global_batch_size // max(1, typed.data.micro_batch_size * layout.dp)),
+        yaml_path_fixes=tuple(yaml_fixes),
+        present=present,
+        warnings=tuple(warnings),
     )
     validate(rc, require_data=require_data)
     return rc
 
 
+def tokenizer_path(cfg: DictConfig) -> str | None:
+    """The tokenizer a config names: `data.tokenizer` as a path (ours) or NxDT's mapping form `data.tokenizer.type`."""
+    tok = cfg.data.tokenizer
+    if isinstance(tok, DictConfig | dict):
+        value = tok.get("type")
+        return str(value) if value else None
+    return str(tok) if tok else None
+
+
 # ----------------------------------------------------------------------------------------------- reading and merging
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _check_yaml_file(path: Path, shown: str) -> None:
+    """The file problems NxDT's Hydra would report less clearly: missing, not .yaml, not UTF-8, malformed, empty."""
     if not path.is_file():
-        raise ConfigError(str(path), "config file not found")
+        raise ConfigError(shown, "config file not found")
+    if path.suffix != ".yaml":
+        raise ConfigError(shown, "NxDT's Hydra loads only files named *.yaml (--config-name drops the suffix): "
+                                 "rename it")
+    from omegaconf._utils import get_yaml_loader
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=get_yaml_loader())
     except UnicodeDecodeError:
-        raise ConfigError(str(path), "not a UTF-8 text file") from None
+        raise ConfigError(shown, "not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "could not parse"
-        raise ConfigError(str(path), f"malformed YAML{where}: {problem}") from None
+        raise ConfigError(shown, f"malformed YAML{where}: {problem}") from None
     if data is None:
-        raise ConfigError(str(path), "the file is empty")
+        raise ConfigError(shown, "the file is empty")
     if not isinstance(data, dict):
-        raise ConfigError(str(path), f"the top level must be a mapping of keys, not {type(data).__name__}")
-    return data
+        raise ConfigError(shown, f"the top level must be a mapping of keys, not {type(data).__name__}")
 
 
-def _resolve_paths(user: dict[str, Any], base: Path) -> None:
-    for dotted in PATH_KEYS:
-        *parents, leaf = dotted.split(".")
-        node: Any = user
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(leaf), str):
-            value = node[leaf]
-            if value and not value.startswith(("s3://", "???", "${")):
-                node[leaf] = str((base / value).resolve())
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    match = _OVERRIDE.match(item.strip())
-    if not match:
-        candidate = item.split("=", 1)[0].strip()
-        shown = candidate if re.fullmatch(r"[\w.]+", candidate) else "override"
-        raise ConfigError(shown, f"override {item!r} must look like key.path=value")
-    key, raw = match.group("key"), match.group("value")
+def _select(cfg: DictConfig, key: str) -> Any:
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False, throw_on_resolution_failure=False)
+    except OmegaConfBaseException:
+        return _ABSENT
 
 
-def _merge_into_schema(user: dict[str, Any], source: str) -> DictConfig:
-    base = OmegaConf.structured(schema.NxdtConfig)
-    _check_known_keys(user, schema.NxdtConfig, prefix="")
+def _needs_resolving(value: Any) -> bool:
+    return (isinstance(value, str) and bool(value) and not value.startswith(("s3://", "/", "${"))
+            and value != "???")
+
+
+def _absolute_paths(composed: DictConfig, items: list[str], base: Path) -> tuple[list[str], list[str]]:
+    """Make relative paths absolute in `composed`; return the user's overrides rewritten with them, and the overrides
+    that carry the YAML's own relative paths to NxDT (which would read them against its working directory)."""
+    parsed = {i: o for i, o in enumerate(overrides.parse(items))}
+    by_key = {o.key_or_group: i for i, o in parsed.items() if not o.is_delete()}
+    rewritten = list(items)
+    yaml_fixes: list[str] = []
+    for key in PATH_KEYS:
+        value = _select(composed, key)
+        if not _needs_resolving(value):
+            continue
+        from_override = key in by_key
+        root = Path.cwd() if from_override else base
+        candidate = (root / value).resolve()
+        if key in _MAYBE_NAME_KEYS and not candidate.exists():
+            continue  # a hub name such as meta-llama/Meta-Llama-3-8B
+        OmegaConf.update(composed, key, str(candidate), force_add=True)
+        if from_override:
+            i = by_key[key]
+            prefix = "++" if parsed[i].is_force_add() else "+" if parsed[i].is_add() else ""
+            rewritten[i] = f"{prefix}{key}={overrides.hydra_value(str(candidate))}"
+        else:
+            yaml_fixes.append(f"{key}={overrides.hydra_value(str(candidate))}")
+    return rewritten, yaml_fixes
+
+
+def _resolved(composed: DictConfig) -> DictConfig:
+    cfg = OmegaConf.create(OmegaConf.to_container(composed, resolve=False))
+    assert isinstance(cfg, DictConfig)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.create(user))
+        OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        raise _omegaconf_error(exc, fallback=source) from None
-    assert isinstance(merged, DictConfig)
-    return merged
+        raise _omegaconf_error(exc, fallback=_unresolvable_key(cfg) or "config") from None
+    return cfg
 
 
-def _check_known_keys(user: Any, section: Any, prefix: str) -> None:
-    """Reject unknown keys with the closest valid one, before OmegaConf's less helpful message."""
-    if not isinstance(user, dict):
-        return
-    known = {f.name: f for f in fields(section)}
-    for key, value in user.items():
-        dotted = f"{prefix}{key}"
-        if not isinstance(key, str) or key not in known:
-            raise ConfigError(dotted, _unknown_key_message(str(key), prefix, list(known)))
-        child_type = _section_type(section, key)
-        if child_type is not None:
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(dotted, f"must be a mapping of keys, got {value!r}")
-            _check_known_keys(value, child_type, prefix=f"{dotted}.")
-
-
-def _section_type(section: Any, key: str) -> Any:
-    hints = {f.name: f for f in fields(section)}
-    factory = hints[key].default_factory
-    if callable(factory):
-        made = factory()
-        return type(made) if is_dataclass(made) else None
+def _unresolvable_key(node: Any, prefix: str = "") -> str | None:
+    """The first key whose interpolation fails (OmegaConf.resolve's error does not always name it)."""
+    if not isinstance(node, DictConfig | ListConfig):
+        return None
+    container: Any = node
+    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    for key in keys:
+        dotted = f"{prefix}{key!s}"
+        try:
+            child = container[key]
+        except OmegaConfBaseException:
+            return dotted
+        found = _unresolvable_key(child, f"{dotted}.")
+        if found:
+            return found
     return None
 
 
-def _unknown_key_message(key: str, prefix: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-    where = f"in '{prefix.rstrip('.')}'" if prefix else "at the top level"
-    return f"unknown key {where}{hint}"
+def _check_keys(node: Any, prefix: str = "") -> list[str]:
+    """Refuse keys NxDT would reject and misspellings of known keys; warn about unknown keys NxDT ignores."""
+    warnings: list[str] = []
+    if not isinstance(node, DictConfig):
+        return warnings
+    for key, value in node.items_ex(resolve=False):
+        dotted = f"{prefix}{key!s}"
+        try:
+            warning = nxdt_keys.check_key(dotted)
+        except nxdt_keys.UnknownKeyError as exc:
+            parent = dotted.rpartition(".")[0]
+            where = f"in '{parent}'" if parent else "at the top level"
+            hint = f" (did you mean '{exc.suggestion}'?)" if exc.suggestion else ""
+            raise ConfigError(dotted, f"unknown key {where}{hint}") from None
+        if warning:
+            warnings.append(warning)  # unknown to NxDT as a whole: nothing below it is checked either
+        elif not any(dotted == p or dotted.startswith(p + ".") for p in nxdt_keys.OPEN):
+            warnings += _check_keys(value, f"{dotted}.")
+    return warnings
 
 
-def _schema_section_at(dotted_parent: str) -> Any:
-    section: Any = schema.NxdtConfig
-    for part in filter(None, dotted_parent.split(".")):
-        section = _section_type(section, part) if part in {f.name for f in fields(section)} else None
-        if section is None:
-            return None
-    return section
+def _schema_subset(node: Any, section: Any, prefix: str) -> dict[str, Any]:
+    """The part of `node` that `section` (a schema dataclass) types; a section given as a scalar is an error."""
+    out: dict[str, Any] = {}
+    for f in fields(section):
+        value = node.get(f.name, _ABSENT) if isinstance(node, DictConfig) else _ABSENT
+        if value is _ABSENT:
+            continue
+        child = f.default_factory() if callable(f.default_factory) else None
+        if is_dataclass(child):
+            if value is None:
+                continue
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"{prefix}{f.name}", f"must be a mapping of keys, got {value!r}")
+            out[f.name] = _schema_subset(value, type(child), f"{prefix}{f.name}.")
+        else:
+            out[f.name] = OmegaConf.to_container(value) if isinstance(value, DictConfig | ListConfig) else value
+    return out
 
 
-def _apply_override(merged: DictConfig, key: str, value: Any) -> None:
-    parent, _, leaf = key.rpartition(".")
-    section = _schema_section_at(parent)
-    if section is None:
-        raise ConfigError(key, f"unknown key: '{parent}' is not a section")
-    names = [f.name for f in fields(section)]
-    if leaf not in names:
-        raise ConfigError(key, _unknown_key_message(leaf, f"{parent}." if parent else "", names))
-    if _section_type(section, leaf) is not None:
-        raise ConfigError(key, "is a section; override one of its keys instead")
+def _typed(raw: DictConfig) -> DictConfig:
     try:
-        OmegaConf.update(merged, key, value, merge=False)
-    except OmegaConfBaseException as exc:
-        raise _omegaconf_error(exc, fallback=key) from None
-
-
-def _resolve_interpolations(merged: DictConfig) -> None:
-    try:
-        OmegaConf.resolve(merged)
+        typed = OmegaConf.merge(OmegaConf.structured(schema.NxdtConfig), _schema_subset(raw, schema.NxdtConfig, ""))
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, fallback="config") from None
+    assert isinstance(typed, DictConfig)
+    return typed
 
 
 def _omegaconf_error(exc: OmegaConfBaseException, fallback: str) -> ConfigError:
@@ -288,9 +335,16 @@ def _type_name(ref_type: Any) -> str:
 
 
 def load_model_shape(cfg: DictConfig) -> ModelShape:
-    """Read the HF config.json named by model.model_config and apply the YAML's model.* overrides as NxDT does."""
+    """The architecture: an HF config.json with the YAML's overrides (NxDT's hf source, llama_model.py:27-50), or the
+    inline keys plus the tokenizer's vocabulary (its megatron source)."""
+    if cfg.model_source == "megatron":
+        return _megatron_shape(cfg)
     key = "model.model_config"
+    if not cfg.model.model_config:
+        raise ConfigError(key, "is required: the Hugging Face config.json of the model (model_source: hf)")
     path = Path(cfg.model.model_config)
+    if path.is_dir():
+        path = path / "config.json"  # LlamaConfig.from_pretrained accepts the folder too
     if not path.is_file():
         raise ConfigError(key, f"model config file {path} does not exist")
     try:
@@ -299,16 +353,15 @@ def load_model_shape(cfg: DictConfig) -> ModelShape:
         raise ConfigError(key, f"{path} is not valid JSON ({exc})") from None
     if not isinstance(hf, dict):
         raise ConfigError(key, f"{path} must hold a JSON object")
-    for yaml_key, hf_key in (
-        ("num_layers", "num_hidden_layers"),
-        ("hidden_size", "hidden_size"),
-        ("rope_theta", "rope_theta"),
-        ("max_position_embeddings", "max_position_embeddings"),
-    ):
+    for yaml_key, hf_key in (("num_layers", "num_hidden_layers"), ("hidden_size", "hidden_size"),
+                             ("rope_theta", "rope_theta"), ("max_position_embeddings", "max_position_embeddings")):
         value = cfg.model.get(yaml_key)
-        if value is not None:
+        if value is not None and value != -1:
             hf[hf_key] = value
+    return _shape_from_hf(hf, key, path)
 
+
+def _shape_from_hf(hf: dict[str, Any], key: str, path: Path | str) -> ModelShape:
     def need_int(name: str, default: int | None = None) -> int:
         value = hf.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -324,6 +377,8 @@ def load_model_shape(cfg: DictConfig) -> ModelShape:
         eps = float(hf.get("rms_norm_eps", 1e-6))
     except (TypeError, ValueError):
         raise ConfigError(key, f"{path}: 'rope_theta' and 'rms_norm_eps' must be numbers") from None
+    if not (math.isfinite(rope_theta) and rope_theta > 0 and math.isfinite(eps) and eps > 0):
+        raise ConfigError(key, f"{path}: 'rope_theta' and 'rms_norm_eps' must be finite and > 0")
     return ModelShape(
         hidden_size=need_int("hidden_size"),
         intermediate_size=need_int("intermediate_size"),
@@ -340,6 +395,58 @@ def load_model_shape(cfg: DictConfig) -> ModelShape:
         eos_token_id=eos[0] if isinstance(eos := hf.get("eos_token_id"), list) else eos,
         hf_config=hf,
     )
+
+
+def _megatron_shape(cfg: DictConfig) -> ModelShape:
+    """NxDT's megatron source: the architecture inline, the vocabulary from the tokenizer, padded as Megatron pads
+    it (a multiple of make_vocab_size_divisible_by x tensor parallel)."""
+    m = cfg.model
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        if m.get(name) is None:
+            raise ConfigError(f"model.{name}", "is required for model_source megatron (the architecture is inline)")
+    vocab = _tokenizer_vocab_size(cfg)
+    unit = m.make_vocab_size_divisible_by * cfg.distributed_strategy.tensor_model_parallel_size
+    padded = max(1, math.ceil(vocab / max(1, unit))) * max(1, unit)
+    hf = {
+        "model_type": "llama",
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_kv_heads or m.num_attention_heads,
+        "vocab_size": padded,
+        "max_position_embeddings": m.max_position_embeddings or m.encoder_seq_length,
+        "rope_theta": m.position_freq_base or 10000.0,
+        "rms_norm_eps": m.layernorm_epsilon or 1e-5,
+        "tie_word_embeddings": bool(m.share_embeddings_and_output_weights),
+    }
+    return _shape_from_hf(hf, "model", "the megatron model section")
+
+
+def _tokenizer_vocab_size(cfg: DictConfig) -> int:
+    key = "data.tokenizer.type"
+    where = tokenizer_path(cfg)
+    if not where:
+        raise ConfigError(key, "is required for model_source megatron: the vocabulary size comes from the tokenizer")
+    folder = Path(where)
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return int(Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True))
+        except Exception as exc:  # the tokenizers library raises its own exception type for a broken file
+            raise ConfigError(key, f"{folder}/tokenizer.json cannot be read: {exc}") from None
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.is_file():
+            try:
+                size = json.loads(file.read_text(encoding="utf-8")).get("vocab_size")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                size = None
+            if isinstance(size, int) and size > 0:
+                return size
+    raise ConfigError(key, f"{where}: no tokenizer.json (or config.json with vocab_size) to read the vocabulary "
+                           "size from; point it at the tokenizer folder")
 
 
 def _layout(cfg: DictConfig) -> Layout:
@@ -380,8 +487,12 @@ def validate(rc: RunConfig, *, require_data: bool = False) -> None:
     cfg, m, lay = rc.cfg, rc.model, rc.layout
     if not _RUN_NAME.match(cfg.name):
         raise ConfigError("name", f"{cfg.name!r} must be letters, digits, '.', '_' or '-' (it names the run folder)")
+    _one_of("model_source", cfg.model_source, schema.MODEL_SOURCES)
     _positive(cfg, "data.micro_batch_size", "data.global_batch_size", "model.encoder_seq_length", "trainer.max_steps",
-              "trainer.log_every_n_steps", "exp_manager.checkpoint_callback_params.every_n_train_steps")
+              "trainer.log_every_n_steps")
+    every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
+    if every is not None and every < 1:
+        raise ConfigError("exp_manager.checkpoint_callback_params.every_n_train_steps", f"must be >= 1, got {every}")
     _at_least_zero(cfg, "trainer.gradient_clip_val", "model.optim.weight_decay", "model.optim.sched.warmup_steps",
                    "model.optim.sched.min_lr", "model.optim.sched.constant_steps")
     if cfg.model.optim.lr <= 0:
@@ -391,6 +502,11 @@ def validate(rc: RunConfig, *, require_data: bool = False) -> None:
         raise ConfigError("model.optim.betas", f"must be two numbers in [0, 1), got {betas}")
     _one_of("precision.type", cfg.precision.type, schema.PRECISION_TYPES,
             hint={"mixedprecisionSR": "mixed_precision_SR (NxDT raises on the documented 'mixedprecisionSR')"})
+    if cfg.precision.type == "manual":  # training_orchestrator.py:123-126 puts them into os.environ as they are
+        for name in ("xla_use_bf16", "xla_downcast_bf16", "neuron_rt_stochastic_rounding_en"):
+            if not isinstance(cfg.precision[name], str):
+                raise ConfigError(f"precision.{name}", f"must be a quoted string such as '1' with precision.type "
+                                  f"manual (NxDT writes it into the environment; {cfg.precision[name]!r} fails there)")
     granularity = cfg.model.activations_checkpoint_granularity
     if granularity is not None:
         _one_of("model.activations_checkpoint_granularity", granularity, schema.RECOMPUTE_GRANULARITIES)
@@ -398,6 +514,14 @@ def validate(rc: RunConfig, *, require_data: bool = False) -> None:
     _one_of("model.optim.sched.name", cfg.model.optim.sched.name, schema.SCHEDULERS)
     if not cfg.compiler_cache_url.strip():
         raise ConfigError("compiler_cache_url", "must name a directory (or s3:// URL) for the compiled graph cache")
+    if cfg.trainer.lnc not in (None, 1, 2):
+        raise ConfigError("trainer.lnc", f"must be 1 or 2 (logical NeuronCore size), got {cfg.trainer.lnc}")
+    accumulate = _select(rc.raw, "trainer.accumulate_grad_batches")
+    if isinstance(accumulate, int) and accumulate > 1:  # nlp_overrides.py:949
+        raise ConfigError("trainer.accumulate_grad_batches", "NxDT refuses it: accumulation follows from "
+                          "data.global_batch_size / (data.micro_batch_size x data parallel)")
+    if _select(rc.raw, "trainer.enable_model_summary") is True:  # nlp_overrides.py:954
+        raise ConfigError("trainer.enable_model_summary", "NxDT refuses it: set it to false")
 
     heads, kv = m.num_attention_heads, m.num_key_value_heads
     if m.hidden_size % heads:
@@ -414,29 +538,30 @@ def validate(rc: RunConfig, *, require_data: bool = False) -> None:
         raise ConfigError("distributed_strategy.kv_replicator",
                           f"{kv} KV heads x kv_replicator {lay.kv_replicator} = {kv * lay.kv_replicator} "
                           f"is not divisible by tensor parallel {lay.tp}{fix}")
-    if m.num_layers % lay.pp:
+    if m.num_layers < lay.pp:  # NxD spreads a remainder over the last stages (pipeline/partition.py:280-295)
         raise ConfigError("distributed_strategy.pipeline_model_parallel_size",
-                          f"{m.num_layers} layers are not divisible by pipeline parallel {lay.pp}")
+                          f"{m.num_layers} layers cannot fill {lay.pp} pipeline stages")
     if rc.global_batch_size % (rc.micro_batch_size * lay.dp):
         raise ConfigError("data.global_batch_size",
                           f"{rc.global_batch_size} is not divisible by micro batch {rc.micro_batch_size} x "
                           f"data parallel {lay.dp} = {rc.micro_batch_size * lay.dp}")
+    seq_key = "data.seq_length" if cfg.data.seq_length else "model.encoder_seq_length"
     if rc.seq_len > m.max_position_embeddings:
-        raise ConfigError("model.encoder_seq_length",
-                          f"{rc.seq_len} exceeds max_position_embeddings {m.max_position_embeddings}")
+        raise ConfigError(seq_key, f"{rc.seq_len} exceeds max_position_embeddings {m.max_position_embeddings}")
     if lay.sequence_parallel and rc.seq_len % (lay.tp * lay.cp):
-        raise ConfigError("model.encoder_seq_length",
-                          f"{rc.seq_len} is not divisible by tensor x context parallel {lay.tp * lay.cp}, "
-                          "which sequence parallel needs")
+        raise ConfigError(seq_key, f"{rc.seq_len} is not divisible by tensor x context parallel {lay.tp * lay.cp}, "
+                                   "which sequence parallel needs")
 
-    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).exists():
-        raise ConfigError("data.tokenizer", f"{cfg.data.tokenizer} does not exist")
+    tok = tokenizer_path(cfg)
+    if tok is not None and tok.startswith("/") and not Path(tok).exists():
+        key = "data.tokenizer.type" if isinstance(cfg.data.tokenizer, DictConfig) else "data.tokenizer"
+        raise ConfigError(key, f"{tok} does not exist")
     if require_data:
         train_dir = cfg.data.train_dir
         if train_dir is None:
             raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
-        if not train_dir.startswith("s3://") and not Path(train_dir).is_dir():
-            raise ConfigError("data.train_dir", f"{train_dir} is not a directory")
+        if not train_dir.startswith("s3://") and not Path(train_dir).exists():
+            raise ConfigError("data.train_dir", f"{train_dir} does not exist")
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:
@@ -453,13 +578,15 @@ def _positive(cfg: DictConfig, *keys: str) -> None:
 def _at_least_zero(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
         value = _get(cfg, key)
-        if value < 0:
+        if value is not None and value < 0:
             raise ConfigError(key, f"must be >= 0, got {value}")
 
 
-def _one_of(key: str, value: str, allowed: Sequence[str], hint: dict[str, str] | None = None) -> None:
+def _one_of(key: str, value: str | None, allowed: Sequence[str], hint: dict[str, str] | None = None) -> None:
     if value in allowed:
         return
-    suggestion = (hint or {}).get(value) or next(iter(difflib.get_close_matches(value, allowed, n=1)), None)
+    import difflib
+
+    suggestion = (hint or {}).get(str(value)) or next(iter(difflib.get_close_matches(str(value), allowed, n=1)), None)
     extra = f"; did you mean {suggestion}?" if suggestion else ""
     raise ConfigError(key, f"{value!r} is not one of {', '.join(allowed)}{extra}")

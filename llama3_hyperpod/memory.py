@@ -58,13 +58,18 @@ def bytes_per_param(backend: str, device: str, precision: str) -> BytesPerParam:
     return BytesPerParam(weight=4, grad=4, optimizer=8, activation=4)
 
 
+def layers_per_stage(rc: RunConfig) -> int:
+    """Layers on the most loaded pipeline stage: NxD gives a remainder to the last stages (pipeline/partition.py)."""
+    return -(-rc.model.num_layers // rc.layout.pp)
+
+
 def params_per_device(rc: RunConfig) -> int:
     m, lay = rc.model, rc.layout
     h, f, d = m.hidden_size, m.intermediate_size, m.head_dim
     kv_heads_held = max(m.num_key_value_heads * lay.kv_replicator, lay.tp)  # replicated up to at least one per rank
     per_layer = (2 * h * h + 2 * h * d * kv_heads_held + 3 * h * f) // lay.tp + 2 * h
     vocab = m.vocab_size * h * (1 if m.tie_word_embeddings else 2) // lay.tp
-    return vocab + (m.num_layers // lay.pp) * per_layer + h
+    return vocab + layers_per_stage(rc) * per_layer + h
 
 
 def _layer_activation_elements(rc: RunConfig) -> int:
@@ -91,7 +96,7 @@ def estimate_memory(rc: RunConfig, backend: str, device: str, device_memory: int
     precision = str(rc.cfg.precision.type)
     b = bytes_per_param(backend, device, precision)
     n = params_per_device(rc)
-    layers = rc.model.num_layers // rc.layout.pp
+    layers = layers_per_stage(rc)
     per_layer = _layer_activation_elements(rc)
     granularity = rc.cfg.model.activations_checkpoint_granularity
     if granularity == "full":  # checkpoints of every layer + one layer's full working set during its recompute

@@ -15,8 +15,10 @@ def gib(n: int | None) -> str:
 def render_plan(plan: Plan, console: Console) -> None:
     lay, mem, model, cl = plan.layout, plan.memory, plan.model, plan.cluster
     console.print(f"[bold]Plan[/bold] {plan.run_name}  ({plan.config_path})")
-    console.print(f"backend [bold]{plan.backend}[/bold] on {plan.device}"
-                  f"{'' if plan.accelerator_detected else ' (not on this machine)'}; run dir {plan.run_dir}")
+    on = f"{plan.instance} ({plan.device})" if plan.instance else plan.device
+    console.print(f"backend [bold]{plan.backend}[/bold] on {on}"
+                  f"{'' if plan.accelerator_detected else ' (not on this machine)'}; run dir {plan.run_dir}",
+                  markup=True, highlight=False)
     console.print(f"cluster: {cl['num_nodes']} node(s), this is node {cl['node_rank']}, master "
                   f"{cl['master_addr']}:{cl['master_port']} (from {cl['source']})")
 
@@ -38,9 +40,12 @@ def render_plan(plan: Plan, console: Console) -> None:
     t.add_row("compile cache", plan.compile_cache_dir)
     ck = plan.checkpoints
     if ck.get("enabled"):
-        t.add_row("checkpoints", f"{ck['dir']} every {ck['every_n_train_steps']} steps, keep {ck['keep']}, "
+        every = f"every {ck['every_n_train_steps']} steps" if ck["every_n_train_steps"] else "no step-based saves"
+        t.add_row("checkpoints", f"{ck['dir']} {every}, keep {ck['keep']}, "
                   f"resume {'on' if ck['resume_if_exists'] else 'OFF'}, "
                   + ("save + requeue on SIGTERM/SIGUSR1" if ck["save_on_signal"] else "periodic saves only (NxDT)"))
+        if "resume" in ck:
+            t.add_row("resume", ck["resume"])
     else:
         t.add_row("checkpoints", "off")
     console.print(t)
@@ -63,10 +68,16 @@ def render_plan(plan: Plan, console: Console) -> None:
         console.print(f"[bold]{mode}[/bold] (cwd {launch.cwd}):")
         console.print("  " + " ".join(launch.argv), soft_wrap=True, markup=False, highlight=False)
         for k, v in sorted(launch.env.items()):
-            console.print(f"  env {k}={v}", markup=False, highlight=False)
+            replaced = f" (replaces your {launch.env_replaced[k]!r})" if k in launch.env_replaced else ""
+            console.print(f"  env {k}={v}{replaced}", markup=False, highlight=False)
         for k, v in sorted(launch.env_kept.items()):
             console.print(f"  env {k}={v} (yours, kept)", markup=False, highlight=False)
+    if plan.nxdt_env:
+        console.print("[bold]then NxDT's orchestrator[/bold] sets, in each rank (training_orchestrator.py "
+                      "process_config):")
+        for k, v in sorted(plan.nxdt_env["train"].items()):
+            console.print(f"  {k}={v}", markup=False, highlight=False)
     if plan.effective_neuron_cc_flags is not None:
-        console.print(f"NEURON_CC_FLAGS as NxDT will set it: {plan.effective_neuron_cc_flags}", markup=False)
+        console.print(f"NEURON_CC_FLAGS as NxDT will have it: {plan.effective_neuron_cc_flags}", markup=False)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")

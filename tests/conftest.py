@@ -14,6 +14,7 @@ CONFIGS = REPO / "configs"
 CONFIG_8B = CONFIGS / "llama3_8b_trn1.yaml"
 CONFIG_TINY = CONFIGS / "tiny_cpu.yaml"
 REFERENCE = REPO.parent / "shared" / "reference"
+NXDT_CONF = REPO.parent / "shared" / "nxdt" / "conf"  # NxDT's own example configs, unchanged (test data)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -34,3 +35,13 @@ def neuron_reference() -> str:
             pytest.fail(f"{path} is missing: CI must run with shared/ beside the repository")
         pytest.skip(f"{path} not present in this checkout")
     return path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def nxdt_conf() -> Path:
+    """NxDT's own example configs (shared/nxdt/conf, beside the repo in CI)."""
+    if not NXDT_CONF.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{NXDT_CONF} is missing: CI must run with shared/ beside the repository")
+        pytest.skip(f"{NXDT_CONF} not present in this checkout")
+    return NXDT_CONF

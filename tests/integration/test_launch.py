@@ -111,15 +111,20 @@ def test_cli_train_passes_exit_code_of_the_neuron_launch(tmp_path: Path) -> None
     data.mkdir()
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    # A stand-in `torchrun` that records its argv proves the CLI executes exactly the planned command.
-    (fake_bin / "torchrun").write_text("#!/bin/sh\necho \"$@\" > \"$RECORD\"\nexit 3\n")
+    # A stand-in for the SDK's `torchrun` that records its argv, working dir and COMPILE proves the CLI executes
+    # exactly the planned command, from the run dir, in NxDT's training mode.
+    (fake_bin / "torchrun").write_text('#!/bin/sh\necho "$@" > "$RECORD"\npwd >> "$RECORD"\n'
+                                       'echo "COMPILE=$COMPILE" >> "$RECORD"\nexit 3\n')
     (fake_bin / "torchrun").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "RECORD": str(tmp_path / "argv")}
+    env = {**os.environ, "L3HP_SDK_PYTHON": str(fake_bin / "python"), "RECORD": str(tmp_path / "argv"),
+           "L3HP_CACHE_DIR": str(tmp_path / "cache"), "COMPILE": "1"}
     result = subprocess.run(
         [sys.executable, str(REPO / "entrypoint.py"), "train", str(REPO / "configs/llama3_8b_trn1.yaml"),
          "--backend", "neuron", "--nxdt-examples", str(examples), "--output-dir", str(tmp_path / "runs"),
          f"data.train_dir={data}"], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 3, result.stderr
-    recorded = (tmp_path / "argv").read_text().split()
+    argv, cwd, compile_flag = (tmp_path / "argv").read_text().splitlines()
+    recorded = argv.split()
     assert recorded[:2] == ["--nproc_per_node", "32"] and f"{examples}/training_orchestrator.py" in recorded
+    assert cwd == str(tmp_path / "runs" / "llama3_8b_trn1") and compile_flag == "COMPILE=0"
     assert (tmp_path / "runs" / "llama3_8b_trn1" / "plan-train-node0.json").is_file()

@@ -92,7 +92,7 @@ def test_torch_hit_when_only_non_graph_fields_change(torch_cache: Path, override
     (TP2, "layout.tp"),
     (TWO_NODES, "layout.num_nodes"),
     (("model.activations_checkpoint_granularity=full",), "model.activations_checkpoint_granularity"),
-    (("model.num_layers=2",), "model.config_sha256"),
+    (("+model.num_layers=2",), "model.config_sha256"),
 ])
 def test_torch_miss_names_the_graph_field(torch_cache: Path, overrides: tuple[str, ...], field: str) -> None:
     verdict = verify(torch_plan(*overrides), torch_cache)

@@ -78,7 +78,7 @@ def test_torch_cpu_launch() -> None:
     assert (plan.layout.tp, plan.layout.dp) == (2, 2)
     assert plan.process_group_backend == "gloo"
     assert plan.uses_default_dataset and plan.train_dir == f"/tmp/out/_data/{default_name(256, 8192)}"
-    assert f"data.train_dir=/tmp/out/_data/{default_name(256, 8192)}" in argv
+    assert f"data.train_dir='/tmp/out/_data/{default_name(256, 8192)}'" in argv  # quoted: Hydra's grammar
     for mode in ("compile", "train"):  # the same Inductor settings, so what compile caches, train hits
         env = plan.commands[mode].env
         assert env["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/llama3-hyperpod-cache/inductor"
