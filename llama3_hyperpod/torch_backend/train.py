@@ -179,7 +179,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
         sched.name,
         lr=cfg.model.optim.lr,
         warmup_steps=sched.warmup_steps,
-        max_steps=sched.max_steps,
+        max_steps=cfg.trainer.max_steps,  # NxDT replaces sched.max_steps with it (model/base.py:311)
         min_lr=sched.min_lr,
         constant_steps=sched.constant_steps,
     )
