@@ -108,9 +108,15 @@ l3hp_preflight() {
   local log="$LOG_DIR/${SLURM_JOB_NAME:-llama3}-${job_id}-restart${restart}-preflight.log" rc=0 reason failures
   mkdir -p "$LOG_DIR"
   echo "preflight: $mode checks on $nodes nodes (PREFLIGHT=0 skips them)"
+  local start end
+  start=$(date +%s.%N)
   "${step[@]}" "${check[@]}" > "$log" 2>&1 || rc=$?
+  end=$(date +%s.%N)
   cat "$log"
-  ((rc == 0)) && return 0
+  if ((rc == 0)); then
+    echo "preflight: passed on $nodes nodes; the step took $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }') s"
+    return 0
+  fi
   failures=$(grep -cE '^ *[0-9]+: preflight: FAIL on ' "$log" || true)
   reason=$(grep -m 1 -E '^ *[0-9]+: preflight: FAIL on ' "$log" | sed -E 's/^ *[0-9]+: //' || true)
   [[ -n $reason ]] || reason="preflight: the step exited $rc without a verdict"

@@ -77,7 +77,8 @@ def neuron_checks(plan: Plan, mode: str, env: Mapping[str, str], roots: Roots) -
         apt = {p: versions.get("apt", p) for p in NEURON_APT_PACKAGES}
         driver_min, sdk = versions.get("host", "aws-neuronx-dkms"), versions.get("neuron_sdk")
     except (OSError, ValueError, KeyError) as exc:
-        why = f"{VERSIONS_FILE} unreadable here: {exc}"
+        detail = exc.strerror if isinstance(exc, OSError) else exc.args[0] if exc.args else exc
+        why = f"the pins ({VERSIONS_FILE}) are unreadable here: {detail}"
         out += [warned("neuron driver", f"cannot tell: {why}"), warned("neuron runtime", f"cannot tell: {why}")]
     else:
         out.append(checks.check_neuron_driver(host.neuron_driver_version(roots.sys), driver_min, sdk,

@@ -46,7 +46,7 @@ def run_tool(argv: Sequence[str], *, package: str, timeout: float = DEFAULT_TIME
         done = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, errors="replace", timeout=timeout,
                               check=False, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise ToolError(f"{name} did not answer within {timeout:.0f} s") from None
+        raise ToolError(f"{name} did not answer within {timeout:g} s") from None
     except OSError as exc:
         raise ToolError(f"{name} could not start: {exc.strerror or exc}") from None
     return ToolResult([exe, *argv[1:]], done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
