@@ -86,7 +86,7 @@ l3hp_is_mounted() {
 # the same plan, where the job step will run (l3hp_job's srun_args and cli, read through bash's dynamic scope: same
 # container, mounts, env and overrides). A failing node stops the job here, exit 2, with its name and reason
 # ("preflight: FAIL on NODE (node R): CHECK: FIGURE — FIX"); nothing else starts. Each node's report is in
-# <run dir>/preflight/MODE-nodeR.json, every line in $LOG_DIR/<job name>-<job id>-restartN-preflight.log.
+# <run dir>/preflight/MODE-nodeR.json, every line in $LOG_DIR/<job name>-<job id>-preflight-restartN.log.
 # PREFLIGHT=0 skips it.
 l3hp_preflight() {
   local mode=$1
@@ -95,17 +95,24 @@ l3hp_preflight() {
     return 0
   fi
   local -a step=() check=()
-  local arg
+  local arg swapped=0
   for arg in "${srun_args[@]}"; do
     [[ $arg == --output=* ]] || step+=("$arg") # the lines come back here instead of the step's per-node logs
   done
   step+=(--label)
-  check=("${cli[0]}" "${cli[1]}" preflight --mode "$mode" "${cli[@]:3}")
+  for arg in "${cli[@]}"; do # the job's command line with its mode word replaced by `preflight --mode MODE`
+    if ((!swapped)) && [[ $arg == "$mode" ]]; then
+      check+=(preflight --mode "$mode")
+      swapped=1
+    else
+      check+=("$arg")
+    fi
+  done
   if [[ -n ${DRY_RUN:-} ]]; then
     echo "preflight: + $(printf '%q ' "${step[@]}" "${check[@]}")" >&2
     return 0
   fi
-  local log="$LOG_DIR/${SLURM_JOB_NAME:-llama3}-${job_id}-restart${restart}-preflight.log" rc=0 reason failures
+  local log="$LOG_DIR/${SLURM_JOB_NAME:-llama3}-${job_id}-preflight-restart${restart}.log" rc=0 reason failures
   mkdir -p "$LOG_DIR"
   echo "preflight: $mode checks on $nodes nodes (PREFLIGHT=0 skips them)"
   local start end

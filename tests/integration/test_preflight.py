@@ -287,3 +287,30 @@ def test_memory_limit_of_a_real_cgroup(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             group.rmdir()
+
+
+@pytest.mark.parametrize(("setup", "master", "figure"), [
+    ("", "10.1.2.3", "Network is unreachable"),  # a network namespace with no route at all: EHOSTUNREACH/ENETUNREACH
+    ("ip route add 10.8.8.0/24 dev lo", "10.8.8.2", "no answer within 5 s"),  # a route to where nothing answers
+])
+def test_unreachable_master_fails_the_other_nodes(tmp_path: Path, setup: str, master: str, figure: str) -> None:
+    """Node 1 in its own network namespace (root: `unshare --net`), where the master cannot be reached for real."""
+    import shlex
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        if os.environ.get("CI"):
+            pytest.fail("this test needs root, unshare and ip (CI runs as root on Debian, which has them)")
+        pytest.skip("needs root, unshare and ip")
+    argv = [sys.executable, str(REPO / "entrypoint.py"), "preflight", str(CONFIG_TINY), "--backend", "torch-cpu",
+            "--output-dir", str(tmp_path / "runs"), "trainer.num_nodes=2", "data.micro_batch_size=4"]
+    script = f"ip link set lo up && {setup + ' && ' if setup else ''}exec {shlex.join(argv)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env |= {"NODE_RANK": "1", "MASTER_ADDR": master, "MASTER_PORT": "41000", "L3HP_CACHE_DIR": str(tmp_path / "c")}
+    result = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=120, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    check = lines(result)["rendezvous"]
+    assert check.startswith(f"FAIL  rendezvous: master {master}:41000 from node 1: {figure} — open TCP to the "
+                            "master's port between the nodes"), check
+    assert failure_line(result).endswith(check[6:])

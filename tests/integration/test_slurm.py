@@ -332,7 +332,7 @@ def test_preflight_runs_on_every_node_before_training(slurm: Cluster, tmp_path: 
     for rank in (0, 1):
         report = json.loads((out / "pf-ok" / "preflight" / f"train-node{rank}.json").read_text(encoding="utf-8"))
         assert report["ok"] is True and report["node_rank"] == rank and report["num_nodes"] == 2
-    assert (out / "slurm-logs" / f"llama3-train-{job}-restart0-preflight.log").is_file()
+    assert (out / "slurm-logs" / f"llama3-train-{job}-preflight-restart0.log").is_file()
     assert len(losses(out / "pf-ok")) == 3
 
 
