@@ -96,7 +96,7 @@ def build_smoke_plan(config: Path, steps: int, output_dir: Path, overrides: Sequ
     name = run_name or f"smoke-neuron-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = build_plan(config, all_overrides, detect_accelerator("neuron"), env, run_name=name,
                       output_dir=output_dir, python=python)
-    common = [str(config), "--backend", "neuron", "--run-name", name, "--output-dir", str(output_dir),
+    common = [str(config), "--backend", "neuron", "--run-name", name, "--output-dir", str(Path(output_dir).resolve()),
               *all_overrides]
     cli = [python, str(ENTRYPOINT)]
     lay = plan.layout
