@@ -82,6 +82,54 @@ l3hp_is_mounted() {
   return 1
 }
 
+# l3hp_preflight MODE: one srun step before the job's own: every node runs `entrypoint.py preflight --mode MODE` for
+# the same plan, where the job step will run (l3hp_job's srun_args and cli, read through bash's dynamic scope: same
+# container, mounts, env and overrides). A failing node stops the job here, exit 2, with its name and reason
+# ("preflight: FAIL on NODE (node R): CHECK: FIGURE — FIX"); nothing else starts. Each node's report is in
+# <run dir>/preflight/MODE-nodeR.json, every line in $LOG_DIR/<job name>-<job id>-preflight-restartN.log.
+# PREFLIGHT=0 skips it.
+l3hp_preflight() {
+  local mode=$1
+  if [[ ${PREFLIGHT:-1} == 0 ]]; then
+    echo "preflight: skipped (PREFLIGHT=0)" >&2
+    return 0
+  fi
+  local -a step=() check=()
+  local arg swapped=0
+  for arg in "${srun_args[@]}"; do
+    [[ $arg == --output=* ]] || step+=("$arg") # the lines come back here instead of the step's per-node logs
+  done
+  step+=(--label)
+  for arg in "${cli[@]}"; do # the job's command line with its mode word replaced by `preflight --mode MODE`
+    if ((!swapped)) && [[ $arg == "$mode" ]]; then
+      check+=(preflight --mode "$mode")
+      swapped=1
+    else
+      check+=("$arg")
+    fi
+  done
+  if [[ -n ${DRY_RUN:-} ]]; then
+    echo "preflight: + $(printf '%q ' "${step[@]}" "${check[@]}")" >&2
+    return 0
+  fi
+  local log="$LOG_DIR/${SLURM_JOB_NAME:-llama3}-${job_id}-preflight-restart${restart}.log" rc=0 reason failures
+  mkdir -p "$LOG_DIR"
+  echo "preflight: $mode checks on $nodes nodes (PREFLIGHT=0 skips them)"
+  local start end
+  start=$(date +%s.%N)
+  "${step[@]}" "${check[@]}" > "$log" 2>&1 || rc=$?
+  end=$(date +%s.%N)
+  cat "$log"
+  if ((rc == 0)); then
+    echo "preflight: passed on $nodes nodes; the step took $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }') s"
+    return 0
+  fi
+  failures=$(grep -cE '^ *[0-9]+: preflight: FAIL on ' "$log" || true)
+  reason=$(grep -m 1 -E '^ *[0-9]+: preflight: FAIL on ' "$log" | sed -E 's/^ *[0-9]+: //' || true)
+  [[ -n $reason ]] || reason="preflight: the step exited $rc without a verdict"
+  l3hp_die "$reason [$failures of $nodes nodes failed; job step not started; lines in $log]"
+}
+
 # l3hp_job MODE [CONFIG [OVERRIDES...]]: the body of train.sbatch / compile.sbatch.
 l3hp_job() {
   local mode=$1
@@ -164,6 +212,7 @@ l3hp_job() {
   cli+=("${overrides[@]}")
 
   l3hp_check_cache_nodes "${CACHE_DIR:-}" "$nodes" "$mode"
+  l3hp_preflight "$mode"
   local line
   line=$(printf '%q ' "${srun_args[@]}" "${cli[@]}")
   if [[ -n ${DRY_RUN:-} ]]; then

@@ -221,6 +221,25 @@ def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str 
     _execute("train", config, overrides, backend, run_name, output_dir, nxdt_examples, dry_run)
 
 
+@main.command()
+@plan_options
+@click.option("--mode", type=click.Choice(["train", "compile"]), default="train", show_default=True,
+              help="The job step this node is about to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON instead of lines.")
+@user_errors
+def preflight(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
+              nxdt_examples: str | None, mode: str, as_json: bool) -> None:
+    """Check that this node can run the plan: devices, versions, network, disks, compile cache. Starts nothing.
+
+    One line per check (PASS / WARN / FAIL, the figure measured, what to do); exit 0 when none fails, else 2 with
+    the first failure named on stderr. The report is also written to RUN_DIR/preflight/MODE-nodeR.json.
+    """
+    from llama3_hyperpod.preflight.commands import report_preflight
+
+    sys.exit(report_preflight(make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples), mode,
+                              as_json))
+
+
 def _register_command_groups() -> None:
     """Commands that live beside their code; their modules import heavy libraries only when a command runs."""
     from llama3_hyperpod.cache.commands import cache

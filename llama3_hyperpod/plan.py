@@ -251,6 +251,7 @@ def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[
         "resume_if_exists": resumes,
         "async": bool(em.async_checkpointing),
         "save_on_signal": backend == "torch",
+        "max_steps": int(rc.cfg.trainer.max_steps),  # with every_n_train_steps and keep: how many are on disk
     }
 
 

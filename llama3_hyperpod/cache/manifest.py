@@ -86,7 +86,7 @@ def graph_fields_from_config(rc: RunConfig, *, backend: str, device: str, thread
         optim = cfg.model.optim
         fields |= {
             "compiler_flags": cc_flags or "",
-            "model.activations_checkpoint_recompute": list(cfg.model.activations_checkpoint_recompute),
+            "model.activations_checkpoint_recompute": list(cfg.model.activations_checkpoint_recompute or []),
             "model.fusions.softmax": bool(cfg.model.fusions.softmax),
             "model.fusions.flash_attention": bool(cfg.model.fusions.flash_attention),
             "model.fuse_qkv": bool(cfg.model.fuse_qkv),

@@ -20,7 +20,8 @@ SMOKE_MIN_DROP = 1.0  # nats: the tiny model on real text falls by several withi
 
 
 @click.command()
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=TINY_CONFIG, show_default=True)
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Default: configs/tiny_cpu.yaml (torch), configs/tiny_neuron.yaml (neuron).")
 @click.option("--steps", type=click.IntRange(min=10), default=30, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
@@ -31,9 +32,23 @@ SMOKE_MIN_DROP = 1.0  # nats: the tiny model on real text falls by several withi
     type=click.Path(file_okay=False, path_type=Path),
     help="Run folder and default dataset go here.",
 )
+@click.option("--backend", type=click.Choice(["auto", "torch", "neuron"]), default="auto", show_default=True,
+              help="auto: neuron where /dev/neuron* exists (a tiny NxDT run on 2 NeuronCores), else torch.")
+@click.option("--dry-run", is_flag=True, help="neuron: print the planned steps and PASS criteria, run nothing.")
 @click.argument("overrides", nargs=-1)  # fmt: skip
-def smoke(config: Path, steps: int, device: str, output_dir: Path, overrides: tuple[str, ...]) -> None:
-    """Train the tiny model for a few dozen steps in this process and say PASS or FAIL, with the evidence."""
+def smoke(config: Path | None, steps: int, device: str, output_dir: Path, backend: str, dry_run: bool,
+          overrides: tuple[str, ...]) -> None:
+    """Train the tiny model for a few dozen steps and say PASS or FAIL, with the evidence."""
+    from llama3_hyperpod.cluster import detect_accelerator
+
+    if backend == "neuron" or (backend == "auto" and detect_accelerator("auto").backend == "neuron"):
+        from llama3_hyperpod.neuron.smoke import smoke_command
+
+        sys.exit(smoke_command(config, steps, output_dir, overrides, dry_run))
+    if dry_run:
+        click.echo("error: --dry-run: the torch smoke trains in this process, there is no launch to print", err=True)
+        sys.exit(2)
+    config = config or TINY_CONFIG
     import torch
 
     from llama3_hyperpod.config import ConfigError

@@ -306,3 +306,88 @@ def test_node_failure_fails_the_job_and_the_rerun_resumes_from_the_last_checkpoi
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{_read(batch_log)}\n{_slurm_logs(out)}"
     assert resumed_from(out, job, int(info["Restarts"])) == max(before)
     assert_every_step_once(run)
+
+
+# ---- preflight: one step on every node before the job step -----------------------------------------------------
+
+
+def test_preflight_runs_on_every_node_before_training(slurm: Cluster, tmp_path: Path) -> None:
+    """Each node checks the plan in one srun step (the lines come back to the batch log, the reports into the run
+    dir), then training starts. This cluster's nodes share one host and 127.0.0.1: node 0 says loopback (WARN)."""
+    out = tmp_path / "runs"
+    log = tmp_path / "train-%j.out"
+    job = slurm.sbatch("enroot/train.sbatch", *TINY, nodes=2, log=log, env=job_env(out, RUN_NAME="pf-ok"))
+    batch_log = tmp_path / f"train-{job}.out"
+    state, code = slurm.wait(job, batch_log)
+    text = _read(batch_log)
+    assert (state, code) == ("COMPLETED", "0:0"), f"{text}\n{_slurm_logs(out)}"
+    verdicts = sorted(re.findall(r"preflight: PASS on (\S+) \(node (\d) of 2, torch/cpu, train\)", text))
+    assert verdicts == [("l3hp-n1", "0"), ("l3hp-n2", "1")], text
+    assert re.search(r"WARN  rendezvous: l3hp-n1:\d+ -> 127\.0\.0\.1 bindable, but that is loopback", text), text
+    assert re.search(r"PASS  rendezvous: master l3hp-n1:\d+ \(127\.0\.0\.1\) reachable from node 1: refused", text)
+    took = re.search(r"preflight: passed on 2 nodes; the step took ([\d.]+) s", text)
+    assert took, text
+    print(f"preflight step on 2 nodes: {took.group(1)} s")  # the time preflight adds to this job
+    assert text.index("preflight: passed on 2 nodes") < text.index(f"job {job} (train, 2 nodes")
+    for rank in (0, 1):
+        report = json.loads((out / "pf-ok" / "preflight" / f"train-node{rank}.json").read_text(encoding="utf-8"))
+        assert report["ok"] is True and report["node_rank"] == rank and report["num_nodes"] == 2
+    assert (out / "slurm-logs" / f"llama3-train-{job}-preflight-restart0.log").is_file()
+    assert len(losses(out / "pf-ok")) == 3
+
+
+ANY_NODE = r"FAIL on l3hp-n[12] \(node [01]\): "
+
+
+def _occupied_port() -> tuple[socket.socket, int]:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder, holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["taken port", "full disk", "unwritable run dir", "cache miss"])
+def test_a_failing_preflight_stops_the_job_with_the_node_and_reason(slurm: Cluster, tmp_path: Path,
+                                                                    case: str) -> None:
+    """Each failure ends the job before its step: FAILED with exit 2, one line naming the node and the check, the
+    count of failed nodes, and no training log or metric written. A taken rendezvous port fails node 0 only."""
+    from tests.integration.test_preflight import tmpfs
+
+    out, logs = tmp_path / "runs", tmp_path / "logs"
+    extra: dict[str, str] = {"LOG_DIR": str(logs)}
+    args = list(TINY)
+    with contextlib.ExitStack() as stack:
+        if case == "taken port":
+            holder, port = _occupied_port()
+            stack.callback(holder.close)
+            extra["MASTER_PORT"] = str(port)
+            expected = rf"FAIL on l3hp-n1 \(node 0\): rendezvous: l3hp-n1:{port} is taken by pid {os.getpid()} \("
+            failed_nodes = 1
+        elif case == "full disk":
+            out = stack.enter_context(tmpfs(tmp_path / "small", "size=4m"))
+            (out / "filler").write_bytes(b"\0" * (4 * 2**20 - 512 * 1024))
+            expected = rf"{ANY_NODE}checkpoint space: 0\.00 GiB free on {re.escape(str(out))} \(tmpfs\)"
+            failed_nodes = 2
+        elif case == "unwritable run dir":
+            out = stack.enter_context(tmpfs(tmp_path / "ro", "ro,size=1m"))
+            expected = rf"{ANY_NODE}run dir: {re.escape(str(out))}/pf-bad is not writable: Read-only file system"
+            failed_nodes = 2
+        else:
+            cache = tmp_path / "empty-cache"
+            cache.mkdir()
+            extra["CACHE_DIR"] = str(cache)
+            args.append("torch_backend.compile=true")
+            expected = rf"{ANY_NODE}compile cache: will MISS: the cache {re.escape(str(cache))} is empty"
+            failed_nodes = 2
+        env = job_env(out, RUN_NAME="pf-bad", **extra)
+        log = tmp_path / "train-%j.out"
+        job = slurm.sbatch("enroot/train.sbatch", *args, nodes=2, log=log, env=env)
+        batch_log = tmp_path / f"train-{job}.out"
+        state, code = slurm.wait(job, batch_log, timeout=120)
+        text = _read(batch_log)
+        assert (state, code) == ("FAILED", "2:0"), text
+        assert re.search(r"^error: preflight: " + expected, text, re.MULTILINE), text
+        assert f"[{failed_nodes} of 2 nodes failed; job step not started; lines in {logs}/" in text
+        assert f"job {job} (train" not in text  # the training step never started
+        assert not list(logs.glob(f"llama3-train-{job}-restart0-*-node*.log"))
+        assert not (out / "pf-bad" / "metrics.jsonl").exists()

@@ -7,7 +7,7 @@ import pytest
 from llama3_hyperpod.cli import main
 from tests.conftest import run_cli
 
-EXPECTED = {"plan", "compile", "train", "smoke", "report", "cache", "data", "checkpoint"}
+EXPECTED = {"plan", "compile", "train", "preflight", "smoke", "report", "cache", "data", "checkpoint"}
 
 
 def test_top_level_help_lists_every_command() -> None:
