@@ -19,6 +19,8 @@ DOCKERD=/usr/sbin/dockerd
 
 log() { echo "setup_docker: $*" >&2; }
 ping_api() { curl -fsS --max-time 5 --unix-socket "${SOCK}" http://d/_ping >/dev/null 2>&1; }
+# Running, and not a zombie waiting for init to reap it (the daemon's parent, this script, is gone by then).
+alive() { [ -r "/proc/$1/stat" ] && [ "$(cut -d')' -f2 "/proc/$1/stat" | cut -d' ' -f2)" != Z ]; }
 
 if [ "${1:-}" = "--stop" ]; then
   if [ ! -s "${PIDFILE}" ]; then
@@ -26,14 +28,14 @@ if [ "${1:-}" = "--stop" ]; then
     exit 0
   fi
   pid="$(cat "${PIDFILE}")"
-  if kill -0 "${pid}" 2>/dev/null; then
+  if alive "${pid}"; then
     log "stopping dockerd (pid ${pid})"
     kill -TERM "${pid}"
     for _ in $(seq 1 60); do
-      kill -0 "${pid}" 2>/dev/null || break
+      alive "${pid}" || break
       sleep 0.5
     done
-    if kill -0 "${pid}" 2>/dev/null; then
+    if alive "${pid}"; then
       log "dockerd (pid ${pid}) is still running after 30 s"
       exit 1
     fi

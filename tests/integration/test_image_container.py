@@ -67,7 +67,8 @@ def test_plan_runs_like_pyxis(cpu_image: dict[str, Any], tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads(result.stdout)
     text = json.dumps(plan)
-    assert "torchrun" in text and "/opt/neuronx-distributed-training/examples" in text
+    assert "torchrun" in text or "torch.distributed.run" in text
+    assert "/opt/neuronx-distributed-training/examples" in text
 
 
 def test_launcher_and_package_import_from_anywhere(cpu_image: dict[str, Any]) -> None:
@@ -151,16 +152,19 @@ def test_code_only_change_rebuilds_only_the_last_layers(cpu_image: dict[str, Any
                                                         snapshot: Path, tmp_path: Path) -> None:
     context = tmp_path / "context"
     shutil.copytree(snapshot, context)
+    # The baseline is built right here (from the layer cache: seconds), not taken from the session's image: on a
+    # machine shared with other checkouts, their builds may replace the deps image in between.
+    lines: list[str] = []
+    assert ci.build_cpu_image(context, TAG, podman_env, lines) == 0, "\n".join(lines[-40:])
     entry = context / "entrypoint.py"
     entry.write_text(entry.read_text() + "\n# a code-only change\n")
     tag = TAG + "-edit"
-    lines: list[str] = []
+    lines = []
     start = time.monotonic()
     assert ci.build_cpu_image(context, tag, podman_env, lines) == 0, "\n".join(lines[-40:])
     seconds = time.monotonic() - start
-    before = cpu_image["inspect"]["RootFS"]["Layers"]
-    after = json.loads(subprocess.run(["podman", "image", "inspect", tag], capture_output=True, text=True,
-                                      check=True).stdout)[0]["RootFS"]["Layers"]
+    before, after = (json.loads(subprocess.run(["podman", "image", "inspect", t], capture_output=True, text=True,
+                                               check=True).stdout)[0]["RootFS"]["Layers"] for t in (TAG, tag))
     shared = next((i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), len(before))
     rebuilt = [line[:60] for i, line in enumerate(lines) if "STEP" in line and "Using cache" not in
                (lines[i + 1] if i + 1 < len(lines) else "")]
