@@ -44,7 +44,7 @@ def image(context: Path, env: dict[str, str], tag: str, *extra: str) -> None:
 
 def first_step(tag: str, out: Path, run_name: str) -> dict[str, Any]:
     """One fresh container training one step: seconds from `podman run` to the step-1 line, and the hit counters."""
-    argv = ["python", "/opt/app/entrypoint.py", "train", *CONFIG, "trainer.max_steps=1",
+    argv = ["/usr/local/bin/llama3-hyperpod", "train", *CONFIG, "trainer.max_steps=1",
             "exp_manager.create_checkpoint_callback=false", "--output-dir", "/out", "--run-name", run_name]
     start = time.monotonic()
     proc = subprocess.Popen(ci.pyxis_argv(tag, argv, mounts={out: "/out"}, workdir="/opt/app"),
@@ -78,7 +78,7 @@ def main() -> int:
             path.mkdir()
             path.chmod(0o777)  # written by uid 1000 inside the containers
         start = time.monotonic()
-        compile_argv = ["python", "/opt/app/entrypoint.py", "compile", *CONFIG, "--output-dir", "/out",
+        compile_argv = ["/usr/local/bin/llama3-hyperpod", "compile", *CONFIG, "--output-dir", "/out",
                         "--run-name", "compile"]
         compiled = ci.pyxis_run(COLD_TAG, compile_argv, mounts={out: "/out", cache: "/cache"},
                                 env={"L3HP_CACHE_DIR": "/cache"}, workdir="/opt/app", timeout=1200)

@@ -8,6 +8,7 @@ Errors for users are one line; bad input exits 2, a failed build/push/import exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +26,10 @@ from typing import Any
 
 from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
 
-STAGED_WHEELHOUSE = Path("build") / "wheelhouse"
+# The build context's wheelhouse: the Dockerfile bind-mounts this fixed path (dockerd 20.10's BuildKit does not expand
+# build args in RUN --mount options); it holds only a README in git, wheels there make the install offline.
+WHEELHOUSE = "wheelhouse"
+WHEEL_SUFFIXES = (".whl", ".gz", ".zip")
 BAKED_CACHE = "neuron_cache"  # the context folder the app stage copies to /opt/app/neuron_cache
 # What each flavor's image runs, so a baked cache can be checked against it: (backend, device or None for any).
 FLAVOR_RUNS = {"neuron": ("neuron", None), "cpu": ("torch", "cpu"), "cuda": ("torch", "cuda")}
@@ -60,6 +64,7 @@ class BuildRequest:
     network: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     cache: Path | None = None  # --cache DIR: baked instead of the context's neuron_cache/ (its README kept)
+    wheelhouse: Path | None = None  # --wheelhouse DIR outside the context's wheelhouse/: linked in for the build
 
 
 def files_sha256(files: dict[str, Path]) -> str:
@@ -131,24 +136,45 @@ def git_commit(context: Path) -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def stage_wheelhouse(wheelhouse: Path, context: Path) -> str:
-    """The wheelhouse as a path relative to the context; one outside it is hard-linked (or copied) into build/."""
+def wheels(directory: Path) -> list[Path]:
+    """The wheel and sdist files directly in `directory` (none when it does not exist)."""
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.name.endswith(WHEEL_SUFFIXES)) \
+        if directory.is_dir() else []
+
+
+def check_wheelhouse(wheelhouse: Path, context: Path) -> Path | None:
+    """--wheelhouse DIR: None when DIR is the context's own wheelhouse/, else DIR (resolved) to be linked in."""
     wheelhouse = wheelhouse.resolve()
-    if not wheelhouse.is_dir() or not any(p.suffix in (".whl", ".gz", ".zip") for p in wheelhouse.iterdir()):
+    if not wheels(wheelhouse):
         raise UsageError(f"--wheelhouse: {wheelhouse} is not a directory of wheels (pip download -r requirements.lock)")
-    if wheelhouse.is_relative_to(context) and wheelhouse != context / STAGED_WHEELHOUSE:
-        return wheelhouse.relative_to(context).as_posix()
-    staged = context / STAGED_WHEELHOUSE
-    if wheelhouse != staged:
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-        for src in wheelhouse.iterdir():
-            if src.is_file():
-                try:
-                    os.link(src, staged / src.name)
-                except OSError:
-                    shutil.copy2(src, staged / src.name)
-    return STAGED_WHEELHOUSE.as_posix()
+    if wheelhouse == context / WHEELHOUSE:
+        return None
+    if wheels(context / WHEELHOUSE):
+        raise UsageError(f"--wheelhouse: {context / WHEELHOUSE} already holds wheels: remove them, or build with "
+                         f"--wheelhouse {context / WHEELHOUSE}")
+    return wheelhouse
+
+
+@contextlib.contextmanager
+def staged_wheelhouse(source: Path | None, context: Path) -> Iterator[None]:
+    """Hard-link (or copy) the wheels of `source` into the context's wheelhouse/ for one build, then remove them."""
+    if source is None:
+        yield
+        return
+    staged = context / WHEELHOUSE
+    staged.mkdir(exist_ok=True)
+    linked: list[Path] = []
+    try:
+        for src in wheels(source):
+            try:
+                os.link(src, staged / src.name)
+            except OSError:
+                shutil.copy2(src, staged / src.name)
+            linked.append(staged / src.name)
+        yield
+    finally:
+        for path in linked:
+            path.unlink(missing_ok=True)
 
 
 def parse_build_arg(text: str) -> tuple[str, str]:
@@ -171,8 +197,7 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
     args = build_args_for(ns.flavor, load_versions(context / "versions" / "neuron.json"))
     if ns.base_image:
         args[BASE_IMAGE_ARG[ns.flavor]] = ns.base_image
-    if ns.wheelhouse:
-        args["WHEELHOUSE"] = stage_wheelhouse(Path(ns.wheelhouse), context)
+    wheelhouse = check_wheelhouse(Path(ns.wheelhouse), context) if ns.wheelhouse else None
     cache = check_cache(Path(ns.cache), ns.flavor) if ns.cache else None
     # Labels that change with every commit go through the API, not ARG/LABEL steps: no layer depends on them.
     labels = {
@@ -199,7 +224,7 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
         raise UsageError(f"--push: tag {tag!r} names no registry (e.g. ACCOUNT.dkr.ecr.REGION.amazonaws.com/repo:tag)")
     return BuildRequest(context=context, flavor=ns.flavor, tag=tag, build_args=args, push=ns.push, sqsh=sqsh,
                         docker_host=ns.docker_host, no_cache=ns.no_cache, classic=ns.classic_builder,
-                        network=ns.network, labels=labels, cache=cache)
+                        network=ns.network, labels=labels, cache=cache, wheelhouse=wheelhouse)
 
 
 def connect(docker_host: str | None) -> tuple[Any, str]:
@@ -225,10 +250,13 @@ def flavor_dockerfile(text: str, flavor: str, *, classic: bool = False) -> str:
     BuildKit and buildah skip stages the target does not need, but Docker Engine's classic builder (the one the
     Docker API and SDK drive) builds every stage: without this a cpu build would also build the Neuron SDK.
     `classic` also turns `RUN --mount=type=bind,source=X,target=Y` (which that builder lacks) into COPY X Y + RUN;
-    the wheelhouse then stays in a layer of the image, the price of building through Docker Engine's API.
+    the wheelhouse then stays in a layer of the image, the price of building through Docker Engine's API. The stages
+    left form one chain (sdk -> deps -> app), so a second mount of the same files only needs the RUN: an earlier
+    stage's COPY put them there already.
     """
     out: list[str] = []
     skipping = False
+    copied: set[tuple[str, str]] = set()
     for line in text.splitlines(keepends=True):
         match = re.match(r"^FROM\s+\S+\s+AS\s+sdk-(\w+)\s*$", line, flags=re.IGNORECASE)
         if line.upper().startswith("FROM "):
@@ -237,7 +265,9 @@ def flavor_dockerfile(text: str, flavor: str, *, classic: bool = False) -> str:
             continue
         mount = re.match(r"^RUN --mount=type=bind,source=(\S+?),target=(\S+)\s+(.*)$", line, flags=re.DOTALL)
         if classic and mount:
-            out.append(f"COPY {mount.group(1)}/ {mount.group(2)}/\nRUN {mount.group(3)}")
+            key = (mount.group(1), mount.group(2))
+            out.append(("" if key in copied else f"COPY {key[0]}/ {key[1]}/\n") + f"RUN {mount.group(3)}")
+            copied.add(key)
             continue
         out.append(line.replace("sdk-${FLAVOR}", f"sdk-{flavor}"))
     return "".join(out)
@@ -255,7 +285,7 @@ def split_app_stage(text: str) -> tuple[str, str]:
 
 
 def app_sources(app_body: str) -> list[str]:
-    """The build-context paths the app stage copies (COPY lines without --from)."""
+    """The build-context paths a part of the Dockerfile copies (COPY lines without --from)."""
     sources: list[str] = []
     for line in app_body.splitlines():
         parts = line.split()
@@ -265,13 +295,14 @@ def app_sources(app_body: str) -> list[str]:
 
 
 def deps_key(req: BuildRequest, deps_text: str) -> str:
-    """Everything the deps image depends on: its Dockerfile part, build args, the lock, the filter, the wheels."""
+    """Everything the deps image depends on: its Dockerfile part, build args, the files it copies, the wheels."""
     digest = hashlib.sha256(deps_text.encode())
     digest.update(json.dumps(req.build_args, sort_keys=True).encode())
-    for name in ("requirements.lock", "llama3_hyperpod/image/lockfilter.py"):
-        digest.update((req.context / name).read_bytes())
-    wheelhouse = req.context / req.build_args.get("WHEELHOUSE", "versions")
-    for path in sorted(wheelhouse.iterdir()) if wheelhouse.is_dir() else []:
+    for name in sorted(set(app_sources(deps_text)) - {WHEELHOUSE}):  # the wheelhouse: by name and size, below
+        files = tree_files(req.context / name) if (req.context / name).is_dir() else {"": req.context / name}
+        for rel, path in sorted(files.items()):
+            digest.update(f"{name}/{rel}\0".encode() + path.read_bytes())
+    for path in wheels(req.context / WHEELHOUSE):
         digest.update(f"{path.name}:{path.stat().st_size}".encode())
     return digest.hexdigest()
 
@@ -432,8 +463,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print) -> int:
     try:
         req = make_request(parser().parse_args(list(argv) if argv is not None else None))
+        if req.flavor == "neuron" and "@sha256:" not in req.build_args.get("NEURON_BASE_IMAGE", "@sha256:"):
+            emit(f"note: {req.build_args['NEURON_BASE_IMAGE']} is pinned by tag only (no digest in "
+                 "versions/neuron.json); the build checks every version it must hold")
         client, engine = connect(req.docker_host)
-        stream_build(client, req, emit, classic=req.classic or engine == "docker")
+        with staged_wheelhouse(req.wheelhouse, req.context):
+            stream_build(client, req, emit, classic=req.classic or engine == "docker")
         if req.push:
             push(client, req.tag, emit)
         if req.sqsh is not None:

@@ -1,8 +1,10 @@
 """Select the part of requirements.lock an image installs.
 
 The lock (pip-tools, with hashes) is the one source of truth for both the dev environment and the image, but an image
-needs neither the dev tools nor the packages its SDK stage already provides (the Neuron stage brings its own torch).
-Stdlib only: this file is also run as a script inside the image build, before any dependency is installed.
+needs neither the dev tools nor, in the project's venv, the packages its SDK environment provides: the cpu flavor's
+SDK venv holds torch and what torch needs from the lock (`--closure torch`, found through the lock's `# via` notes),
+and the project's venv installs the rest. Stdlib only: this file is also run as a script inside the image build,
+before any dependency is installed.
 """
 
 from __future__ import annotations
@@ -53,16 +55,79 @@ def filter_lock(text: str, exclude: Iterable[str]) -> str:
     return "".join(block for name, block in entries(text) if name is None or name not in drop)
 
 
+def select_lock(text: str, names: Iterable[str]) -> str:
+    """Only these packages' blocks of the lock (hashes and all), in lock order."""
+    keep = {normalize(n) for n in names}
+    return "".join(block for name, block in entries(text) if name is not None and name in keep)
+
+
+_VIA_ONE = re.compile(r"^\s+# via (?P<name>\S+)")
+_VIA_MANY = re.compile(r"^\s+#   (?P<name>\S+)")
+
+
+def dependents(text: str) -> dict[str, set[str]]:
+    """{package: the packages that require it}, from pip-compile's `# via` notes (`-r requirements.in` left out)."""
+    out: dict[str, set[str]] = {}
+    for name, block in entries(text):
+        if name is None:
+            continue
+        vias: set[str] = set()
+        in_via = False
+        for line in block.splitlines():
+            one = _VIA_ONE.match(line)
+            if one:
+                vias.add(one["name"])
+                continue
+            if re.match(r"^\s+# via\s*$", line):
+                in_via = True
+                continue
+            many = _VIA_MANY.match(line) if in_via else None
+            if many:
+                vias.add(many["name"])
+        out[name] = {normalize(v) for v in vias if not v.startswith("-")}
+    return out
+
+
+def closure(text: str, roots: Iterable[str]) -> set[str]:
+    """The roots and every locked package they need, directly or not."""
+    needed = {normalize(r) for r in roots}
+    missing = needed - pinned_names(text)
+    if missing:
+        raise ValueError(f"not in the lock: {', '.join(sorted(missing))}")
+    by = dependents(text)
+    grew = True
+    while grew:
+        grew = False
+        for name, users in by.items():
+            if name not in needed and users & needed:
+                needed.add(name)
+                grew = True
+    return needed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("lock", type=Path)
     parser.add_argument("--exclude", default="", help="comma/space separated package names")
     parser.add_argument("--exclude-file", type=Path, help="file with package names (whitespace separated)")
+    parser.add_argument("--closure", default="", help="only these packages and what they need from the lock")
+    parser.add_argument("--only", default="", help="only these packages (comma/space separated)")
+    parser.add_argument("--names", action="store_true", help="print the selected names, one a line, not the lock")
     args = parser.parse_args(argv)
+    text = args.lock.read_text()
     names = args.exclude.replace(",", " ").split()
     if args.exclude_file is not None and args.exclude_file.exists():
         names += args.exclude_file.read_text().split()
-    sys.stdout.write(filter_lock(args.lock.read_text(), names))
+    out = filter_lock(text, names)
+    if args.closure:
+        try:
+            out = select_lock(out, closure(text, args.closure.replace(",", " ").split()))
+        except ValueError as exc:
+            print(f"lockfilter: {exc}", file=sys.stderr)
+            return 2
+    if args.only:
+        out = select_lock(out, args.only.replace(",", " ").split())
+    sys.stdout.write("".join(f"{n}\n" for n in sorted(pinned_names(out))) if args.names else out)
     return 0
 
 

@@ -7,7 +7,6 @@ set -euo pipefail
 
 STATE_DIR="${LLAMA3_CI_STATE_DIR:-/var/tmp/llama3-hyperpod-ci}"
 BASE_IMAGE="${LLAMA3_CI_BASE_IMAGE:-localhost/debian:bookworm}"
-DEBIAN_MIRROR="${LLAMA3_CI_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SOCK="${STATE_DIR}/podman.sock"
 CONF="${STATE_DIR}/containers.conf"
 
@@ -16,14 +15,14 @@ log() { echo "setup_podman: $*" >&2; }
 mkdir -p "${STATE_DIR}"
 
 need=()
-for tool in podman buildah runc debootstrap; do
+for tool in podman buildah runc; do
   command -v "${tool}" >/dev/null 2>&1 || need+=("${tool}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
-  apt-get install -y -qq podman buildah runc debootstrap >&2
+  apt-get install -y -qq podman buildah runc >&2
 fi
 
 # The default runtime (crun + systemd cgroups) fails on this kind of host; these settings are what works.
@@ -41,17 +40,7 @@ export CONTAINERS_CONF="${CONF}"
 export BUILDAH_ISOLATION=chroot
 
 if ! podman image exists "${BASE_IMAGE}"; then
-  tarball="${STATE_DIR}/debian-bookworm-rootfs.tar"
-  if [ ! -s "${tarball}" ]; then
-    rootfs="${STATE_DIR}/rootfs-bookworm"
-    rm -rf "${rootfs}"
-    log "debootstrap bookworm (about a minute)"
-    debootstrap --variant=minbase bookworm "${rootfs}" "${DEBIAN_MIRROR}" >&2
-    rm -rf "${rootfs}/var/cache/apt/archives/"*.deb "${rootfs}/var/lib/apt/lists/"*
-    tar -C "${rootfs}" -cf "${tarball}.tmp" .
-    mv "${tarball}.tmp" "${tarball}"
-    rm -rf "${rootfs}"
-  fi
+  tarball="$(bash "$(dirname "${BASH_SOURCE[0]}")/debian_rootfs.sh")"
   log "importing ${BASE_IMAGE}"
   podman import --change 'CMD ["/bin/bash"]' "${tarball}" "${BASE_IMAGE}" >&2
 fi
