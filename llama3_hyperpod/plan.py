@@ -340,10 +340,15 @@ def _torch_commands(
         "--master_port", str(cluster.master_port),
     ]
 
+    # In an image the SDK environment's torchrun is the agent (the same split as NxDT's launch) and starts the
+    # project's interpreter as its workers; elsewhere one interpreter is both.
+    sdk_python = env.get(neuron_launch.SDK_PYTHON_ENV)
+    agent = [sdk_python, "-m", "torch.distributed.run", *rendezvous, "--no-python", python] if sdk_python \
+        else [python, "-m", "torch.distributed.run", *rendezvous]
+
     def argv(mode: str) -> list[str]:
         return [
-            python, "-m", "torch.distributed.run", *rendezvous,
-            "-m", TORCH_TRAIN_MODULE,
+            *agent, "-m", TORCH_TRAIN_MODULE,
             "--config", str(rc.path), "--run-dir", run_dir, "--mode", mode, "--device", acc.device,
             *overrides,
         ]

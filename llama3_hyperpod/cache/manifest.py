@@ -21,9 +21,10 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llama3_hyperpod.sdkinfo import installed_version, load_pins
 
 if TYPE_CHECKING:
     from llama3_hyperpod.config import RunConfig
@@ -133,24 +134,15 @@ def graph_fields(plan: Plan) -> dict[str, Any]:
 
 
 def _installed(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+    return installed_version(dist)
 
 
 def _pinned_neuron() -> dict[str, Any]:
-    """The versions file the image is built from (versions/neuron.json), when this checkout has it."""
+    """The pip pins of the versions file in effect (the checkout's, or the one baked into the image)."""
     try:
-        from llama3_hyperpod.image.versions import VERSIONS_FILE
-        path = VERSIONS_FILE
-    except ImportError:  # the versions module is not in every tree; the file is the source of truth anyway
-        path = Path(__file__).resolve().parents[2] / "versions" / "neuron.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        pins = load_pins().get("pip", {})
     except (OSError, ValueError):
         return {}
-    pins = data.get("pip", {})
     return pins if isinstance(pins, dict) else {}
 
 

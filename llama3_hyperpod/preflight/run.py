@@ -53,7 +53,7 @@ def _arg_value(argv: list[str], flag: str) -> str | None:
 
 
 def neuron_checks(plan: Plan, mode: str, env: Mapping[str, str], roots: Roots) -> list[Check]:
-    from llama3_hyperpod.image.versions import VERSIONS_FILE, load_versions
+    from llama3_hyperpod.sdkinfo import load_pins, pins_file
 
     needed = plan.layout.ranks_per_node
     visible: set[int] | None = None
@@ -73,12 +73,12 @@ def neuron_checks(plan: Plan, mode: str, env: Mapping[str, str], roots: Roots) -
     out = [devices_check, bad_visible or free_check]
 
     try:
-        versions = load_versions()
-        apt = {p: versions.get("apt", p) for p in NEURON_APT_PACKAGES}
-        driver_min, sdk = versions.get("host", "aws-neuronx-dkms"), versions.get("neuron_sdk")
+        versions = load_pins()
+        apt = {p: str(versions["apt"][p]) for p in NEURON_APT_PACKAGES}
+        driver_min, sdk = str(versions["host"]["aws-neuronx-dkms"]), str(versions["neuron_sdk"])
     except (OSError, ValueError, KeyError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) else exc.args[0] if exc.args else exc
-        why = f"the pins ({VERSIONS_FILE}) are unreadable here: {detail}"
+        why = f"the pins ({pins_file()}) are unreadable here: {detail}"
         out += [warned("neuron driver", f"cannot tell: {why}"), warned("neuron runtime", f"cannot tell: {why}")]
     else:
         out.append(checks.check_neuron_driver(host.neuron_driver_version(roots.sys), driver_min, sdk,

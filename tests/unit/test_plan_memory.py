@@ -109,3 +109,14 @@ def test_train_dry_run_prints_the_launch() -> None:
     result = run_cli("train", str(CONFIG_TINY), "--backend", "torch-cpu", "--dry-run", "trainer.max_steps=3")
     assert result.returncode == 0, result.stderr
     assert "torch.distributed.run" in result.stdout and "trainer.max_steps=3" in result.stdout
+
+
+def test_torch_launch_in_an_image_uses_the_sdk_torchrun_and_the_projects_python() -> None:
+    """The same split as the neuron launch: the SDK environment's torchrun is the agent, and it starts the
+    project's interpreter (--no-python) for the workers."""
+    plan = build_plan(CONFIG_TINY, [], detect_accelerator("torch-cpu"), {"L3HP_SDK_PYTHON": "/opt/sdk/bin/python"},
+                      output_dir="/tmp/out", python="/opt/venv/bin/python")
+    argv = plan.commands["train"].argv
+    assert argv[:3] == ["/opt/sdk/bin/python", "-m", "torch.distributed.run"]
+    i = argv.index("--no-python")
+    assert argv[i + 1:i + 4] == ["/opt/venv/bin/python", "-m", "llama3_hyperpod.torch_backend.train"]

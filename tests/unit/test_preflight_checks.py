@@ -3,6 +3,7 @@ network probes on real sockets, and which checks a plan gets on each backend."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -227,16 +228,30 @@ def test_runtime_check_with_the_real_dpkg_query() -> None:
 
 
 def test_missing_pins_file_warns_instead_of_guessing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where versions/neuron.json is not shipped, the driver and runtime checks say they cannot tell (WARN)."""
-    from llama3_hyperpod.image import versions
+    """Where no versions file is shipped, the driver and runtime checks say they cannot tell (WARN)."""
+    from llama3_hyperpod import sdkinfo
 
-    monkeypatch.setattr(versions, "VERSIONS_FILE", tmp_path / "absent.json")
-    monkeypatch.setattr(versions.load_versions, "__defaults__", (tmp_path / "absent.json",))
+    monkeypatch.setattr(sdkinfo, "CHECKOUT_PINS", tmp_path / "checkout.json")
+    monkeypatch.setattr(sdkinfo, "IMAGE_DIR", tmp_path)
+    (tmp_path / "neuron.json").unlink(missing_ok=True)
     env = {"L3HP_CACHE_DIR": str(tmp_path / "cache"), "MASTER_PORT": "0"}
     tp2 = ["trainer.devices=2", "distributed_strategy.tensor_model_parallel_size=2"]
     plan = build_plan(CONFIG_TINY, tp2, NEURON, env, output_dir=tmp_path / "runs")
     found = {c.name: c for c in run_preflight(plan, "train", env, Roots(container_root=str(tmp_path))).checks}
     for name in ("neuron driver", "neuron runtime"):
         assert found[name].status == WARN
-        assert found[name].measured == (f"cannot tell: the pins ({tmp_path / 'absent.json'}) are unreadable here: "
+        assert found[name].measured == (f"cannot tell: the pins ({tmp_path / 'neuron.json'}) are unreadable here: "
                                         "No such file or directory")
+
+
+def test_the_image_copy_of_the_pins_is_used_where_the_checkout_has_none(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the neuron image the project runs from /opt/app without versions/: the pins baked into
+    /etc/llama3-hyperpod/neuron.json (Dockerfile) are the ones checked."""
+    from llama3_hyperpod import sdkinfo
+
+    monkeypatch.setattr(sdkinfo, "CHECKOUT_PINS", tmp_path / "checkout.json")
+    monkeypatch.setattr(sdkinfo, "IMAGE_DIR", tmp_path)
+    (tmp_path / "neuron.json").write_text(json.dumps({"neuron_sdk": "9.9", "pip": {"neuronx-cc": "1.2.3"}}))
+    assert sdkinfo.pins_file() == tmp_path / "neuron.json"
+    assert sdkinfo.load_pins()["pip"]["neuronx-cc"] == "1.2.3"
