@@ -64,6 +64,7 @@ def smoke(config: Path | None, steps: int, device: str, output_dir: Path, backen
 
 def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, overrides: tuple[str, ...]) -> int:
     from llama3_hyperpod.config import load_config
+    from llama3_hyperpod.overrides import hydra_value
     from llama3_hyperpod.torch_backend.train import train
 
     base = [f"trainer.max_steps={steps}", "trainer.devices=1", "trainer.num_nodes=1", *overrides]
@@ -74,7 +75,7 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
         t0 = time.perf_counter()
         data = ensure_default_dataset(output_dir.resolve() / "_data", rc.seq_len, rc.model.vocab_size)
         click.echo(f"dataset: embedded default (Python stdlib sources) at {data} ({time.perf_counter() - t0:.1f} s)")
-        rc = load_config(config, [*base, f"data.train_dir={data}"])
+        rc = load_config(config, [*base, f"data.train_dir={hydra_value(str(data))}"])
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(rc.cfg.compiler_cache_url) / "inductor"))
     run_dir = output_dir / f"smoke-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(rc, run_dir, device=device)
