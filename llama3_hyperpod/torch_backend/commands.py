@@ -91,10 +91,13 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
               help="PNG to write (default: RUN_DIR/report.png).")  # fmt: skip
 def report(run_dir: Path, output: Path | None) -> None:
     """Plot loss, learning rate and tokens/s per step from RUN_DIR/metrics.jsonl into a PNG."""
-    if not (run_dir / "metrics.jsonl").is_file():
-        click.echo(f"error: {run_dir}: has no metrics.jsonl (not a torch-backend run folder?)", err=True)
+    from llama3_hyperpod.config import ConfigError
+
+    try:
+        out = render_report(run_dir, output or run_dir / "report.png")
+    except ConfigError as exc:
+        click.echo(f"error: {exc.key}: {exc.message}", err=True)
         sys.exit(2)
-    out = render_report(run_dir, output or run_dir / "report.png")
     click.echo(str(out))
 
 
@@ -104,6 +107,7 @@ def render_report(run_dir: Path, output: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llama3_hyperpod.fsutil import replace_from, tmp_name
     from llama3_hyperpod.torch_backend.metrics import read_metrics
 
     rows = read_metrics(run_dir)
@@ -119,6 +123,11 @@ def render_report(run_dir: Path, output: Path) -> Path:
     fig.suptitle(f"{run_dir.name}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    tmp = tmp_name(output)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")  # then renamed: a link at `output` is replaced, not written through
+        replace_from(tmp, output)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return output

@@ -67,6 +67,7 @@ def test_txt_splits(tmp_path: Path) -> None:
 
 def test_long_txt_is_streamed_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 64)
     f = tmp_path / "long.txt"
     text = "".join(f"line {i} ünïcode\n" for i in range(100))
     f.write_text(text, encoding="utf-8")
