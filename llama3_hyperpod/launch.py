@@ -35,7 +35,7 @@ import psutil
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_REQUEUE
 from llama3_hyperpod.plan import Launch
-from llama3_hyperpod.procs import preexec_die_with_parent
+from llama3_hyperpod.procs import preexec_die_with_parent, take_early
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 IGNORED_BY_LAUNCHER_CHILD = (signal.SIGUSR1, signal.SIGUSR2)
@@ -165,6 +165,8 @@ def run(
     # Installed before the child exists, so no signal is lost while it starts; the child itself ignores USR1/USR2
     # (an ignored disposition survives exec: torchrun outlives a USR1, the trainer installs its own handlers).
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    for early in take_early():  # what came while the launch was being prepared (entrypoint.py)
+        forwarder.receive(early)
     try:
         child = subprocess.Popen(launch.argv, env=env, cwd=launch.cwd, start_new_session=True, pass_fds=keep_fds,
                                  preexec_fn=_child_setup())  # noqa: PLW1509  (single-threaded launcher)

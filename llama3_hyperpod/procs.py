@@ -55,3 +55,20 @@ def preexec_die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
         die_with_parent(sig, parent)
 
     return preexec
+
+
+_early: list[int] = []
+
+
+def record_early(*signals: int) -> None:
+    """Record these signals from now on instead of dying of them (their default action), until a launch takes them
+    over (`take_early`). For `train` / `compile`: Slurm's time-limit USR1 may come before the launcher is ready."""
+    for sig in signals:
+        signal.signal(sig, lambda signum, _frame: _early.append(signum))
+
+
+def take_early() -> list[int]:
+    """The signals recorded so far (then forgotten)."""
+    taken = list(_early)
+    _early.clear()
+    return taken
