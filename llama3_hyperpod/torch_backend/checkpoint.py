@@ -206,7 +206,8 @@ class Checkpointer:
     def _all_ok(self, ok: bool) -> bool:
         if self.world_size == 1:
             return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces device tensors only
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # default group: the async save's group may be busy
         return int(flag.item()) == 0
 
@@ -232,6 +233,8 @@ class Checkpointer:
         try:
             if self.is_main:
                 self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.is_symlink():  # not ours: removed as a link, never written through
+                    tmp.unlink()
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / "rng").mkdir(parents=True)
                 if self.hf_config is not None:
@@ -475,7 +478,7 @@ class Checkpointer:
             raise error
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"],
                        options=STATE_DICT_OPTIONS)
-        scheduler.load_state_dict(target["scheduler"])
+        scheduler.load_state_dict(_per_group(target["scheduler"], len(optimizer.param_groups)))
         if rng is not None:
             set_rng_state(rng)
         elif self.is_main:
@@ -533,6 +536,24 @@ class Checkpointer:
                      f"{restored.consumed_samples} samples consumed{resharded}; verified in "
                      f"{self.last_verify_s:.2f} s)")
         return restored
+
+
+def _per_group(scheduler_state: dict[str, Any], groups: int) -> dict[str, Any]:
+    """The LR scheduler's state for `groups` parameter groups.
+
+    How parameters are grouped depends on the layout (DTensor and plain parameters go in separate groups), so a
+    checkpoint of another layout has per-group lists (`base_lrs`, `_last_lr`) of another length. Every group shares
+    the schedule and the base lr here (groups differ only in weight decay), so one value stands for all; lists whose
+    values differ cannot be mapped and are an error.
+    """
+    out = dict(scheduler_state)
+    for key, value in scheduler_state.items():
+        if isinstance(value, list) and len(value) != groups and value:
+            if any(v != value[0] for v in value):
+                raise CheckpointError(f"the LR scheduler's {key} differs between parameter groups ({value}): it "
+                                      f"cannot be mapped onto this layout's {groups} group(s)")
+            out[key] = [value[0]] * groups
+    return out
 
 
 def _layout_text(layout: dict[str, Any]) -> str:
