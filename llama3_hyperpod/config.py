@@ -151,8 +151,11 @@ def load_config(
     _resolve_interpolations(merged)
     OmegaConf.set_readonly(merged, True)
 
-    model = load_model_shape(merged)
-    layout = _layout(merged)
+    try:  # a mandatory value still missing (model.model_config: ???) surfaces here, as OmegaConf's exception
+        model = load_model_shape(merged)
+        layout = _layout(merged)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, fallback="config") from None
     rc = RunConfig(
         path=config_path,
         overrides=tuple(overrides),

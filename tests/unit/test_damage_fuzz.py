@@ -70,7 +70,7 @@ def test_damaged_config_files_are_a_config_error_or_a_config(target: str, damage
             event("ConfigError")
 
 
-Original = tuple[Path, dict[str, bytes], dict[str, Any]]  # the step dir, its files, its exported weights
+Original = tuple[Path, dict[str, dict[str, bytes]], dict[str, dict[str, Any]]]  # run, files and weights per step
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -81,50 +81,56 @@ def _tree(root: Path) -> dict[str, bytes]:
 def original(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Original:
     from safetensors.torch import load_file
 
-    step = small_run / "checkpoints" / "step_0000002"
     out = tmp_path_factory.mktemp("export")
-    result = CliRunner().invoke(main, ["checkpoint", "export", str(step), str(out / "hf")])
-    assert result.exit_code == 0, result.output
-    return step, _tree(step), load_file(str(out / "hf" / "model.safetensors"))
+    files, weights = {}, {}
+    for step in ("step_0000001", "step_0000002"):
+        result = CliRunner().invoke(main, ["checkpoint", "export", str(small_run / "checkpoints" / step),
+                                           str(out / step)])
+        assert result.exit_code == 0, result.output
+        files[step] = _tree(small_run / "checkpoints" / step)
+        weights[step] = load_file(str(out / step / "model.safetensors"))
+    return small_run, files, weights
 
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(damages=st.lists(st.tuples(st.integers(min_value=0, max_value=100), DAMAGE), min_size=1, max_size=3))
 def test_damaged_checkpoints_are_named_never_loaded(original: Original, damages: list[Any]) -> None:
+    """The newest of two checkpoints is damaged: list names it, export of it refuses, export of the run dir falls
+    back to the older, intact one, and whatever is exported is exactly an original checkpoint's weights."""
     import torch
     from safetensors.torch import load_file
 
-    step, files, weights = original
+    small_run, files, weights = original
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        copy = run / "checkpoints" / step.name
-        shutil.copytree(step, copy)
-        names = sorted(files)
+        shutil.copytree(small_run / "checkpoints", run / "checkpoints")
+        copy = run / "checkpoints" / "step_0000002"
+        names = sorted(files["step_0000002"])
         for pick, (kind, where, length, noise) in damages:
             victim = copy / names[pick % len(names)]
             if victim.exists():
                 damage(victim, kind, where, length, noise)
-        intact = _tree(copy) == files
+        intact = _tree(copy) == files["step_0000002"]
         event(f"checkpoint {'intact' if intact else 'damaged'}")
 
         listed = CliRunner().invoke(main, ["checkpoint", "list", str(run)])
         assert listed.exception is None or isinstance(listed.exception, SystemExit), listed.output
         assert listed.exit_code == 0 and "Traceback" not in listed.output
-        said_intact = f"{copy}  complete, intact" in listed.output
-        assert said_intact == intact, listed.output
+        assert (f"{copy}  complete, intact" in listed.output) == intact, listed.output
+        assert f"{run / 'checkpoints' / 'step_0000001'}  complete, intact" in listed.output
 
         for source in (copy, run):  # the step dir itself, and the run dir (its newest intact checkpoint)
             out = Path(tmp) / f"hf-{source.name}"
             exported = CliRunner().invoke(main, ["checkpoint", "export", str(source), str(out)])
             assert exported.exception is None or isinstance(exported.exception, SystemExit), exported.output
             assert "Traceback" not in exported.output
-            if intact:
-                assert exported.exit_code == 0, exported.output
             event(f"export of the {'step dir' if source == copy else 'run dir'}: exit {exported.exit_code}")
-            if exported.exit_code == 0:
+            if source == run or intact:
+                assert exported.exit_code == 0, exported.output
+                expected = weights["step_0000002" if intact else "step_0000001"]
                 got = load_file(str(out / "model.safetensors"))
-                assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in got)
+                assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
             else:
                 assert exported.exit_code == 2 and not (out / "model.safetensors").exists(), exported.output
                 assert len([line for line in exported.output.splitlines() if line.startswith("error:")]) == 1
