@@ -11,9 +11,9 @@ Shared filesystems: Linux NFS clients implement flock() as a whole-file POSIX lo
 Linux 2.6.12"); FSx for Lustre honours it across clients when mounted with `-o flock`, which is how AWS's guide mounts
 it (FSx for Lustre User Guide, "Mounting from an Amazon EC2 instance": `mount -t lustre -o relatime,flock ...`).
 When a holder's node dies, the server frees its locks once the client's lease expires (NFSv4: 90 s by default;
-Lustre: on eviction), so a contender whose holder is on another host waits up to L3HP_RUN_LOCK_WAIT seconds (default
-150) before refusing; a live holder on this host is refused at once. A filesystem without locks gets a warning, not a
-refusal (ownership cannot be enforced there).
+Lustre: on eviction), so a contender whose recorded holder is not a live process on its own host waits up to
+L3HP_RUN_LOCK_WAIT seconds (default 150) before refusing; a live holder on this host is refused at once. A
+filesystem without locks gets a warning, not a refusal (ownership cannot be enforced there).
 """
 
 from __future__ import annotations

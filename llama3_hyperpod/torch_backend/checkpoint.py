@@ -1,9 +1,10 @@
 """Sharded, atomic, verified, resumable training checkpoints (torch.distributed.checkpoint) for the torch backend.
 
 The layout and what counts as complete / intact: checkpoint_files.py. A save writes into a temp dir (DCP fsyncs its
-files); every rank then hashes the files it wrote (sha256), rank 0 gathers the hashes, fsyncs, renames the dir to
-step_N and writes the `done` marker last. So a crash or a full disk at any moment leaves the previous checkpoints as
-they were, and any later change to a byte of a checkpoint is seen before it is loaded.
+files); every rank then hashes the files it wrote (checkpoint_files.DIGEST; for an async save in the background, off
+the training loop), rank 0 gathers the digests, fsyncs, renames the dir to step_N and writes the `done` marker last.
+So a crash or a full disk at any moment leaves the previous checkpoints as they were, and any later change to a byte
+of a checkpoint is seen before it is loaded.
 
 Resume refuses a run dir holding checkpoints of another model (identity.json, one line, nothing deleted), then takes
 the newest checkpoint that is complete and intact (each rank hashes a share of its files) and loads it into fresh
@@ -26,7 +27,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from llama3_hyperpod.fsutil import PathError, link_message
 from llama3_hyperpod.torch_backend.checkpoint_files import (
     CHECKPOINTS,
+    DIGEST,
     DONE,
     FORMAT,
     IDENTITY,
@@ -52,7 +54,7 @@ from llama3_hyperpod.torch_backend.checkpoint_files import (
     check_files,
     check_identity,
     complete_checkpoints,
-    hash_files,
+    file_digests,
     identity_difference,
     list_step_dirs,
     newest_complete,
@@ -189,7 +191,8 @@ class Checkpointer:
         self.last_verify_s = 0.0  # time the last resume spent verifying hashes (this rank's share)
         self._intact: dict[Path, int] = {}  # checkpoints known intact: path -> mtime_ns of their done marker
         self._bad: dict[Path, str] = {}  # found corrupt or unloadable (and said so): never counted or deleted
-        self._pending: tuple[int, Future[Any]] | None = None
+        self._pending: tuple[int, Future[Any]] | None = None  # an async save: (step, future of this rank's digests)
+        self._hasher: ThreadPoolExecutor | None = None
         self._pg: Any = None
         if async_save and world_size > 1:
             # The background save runs collectives; on its own gloo group they cannot interleave with training's.
@@ -250,8 +253,11 @@ class Checkpointer:
             buf = _torch_bytes(rng_state())
             _write_durably(tmp / "rng" / f"rank_{self.rank:05d}.pt", buf)
             if self.async_save:
-                self._pending = (step, _as_future(dcp.async_save(
-                    state, checkpoint_id=tmp, process_group=self._pg, no_dist=self.world_size == 1)))
+                written = _as_future(dcp.async_save(
+                    state, checkpoint_id=tmp, process_group=self._pg, no_dist=self.world_size == 1))
+                if self._hasher is None:
+                    self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-digests")
+                self._pending = (step, self._hasher.submit(self._hash_when_written, written, tmp))
             else:
                 dcp.save(state, checkpoint_id=tmp, no_dist=self.world_size == 1)
         except SaveErrors as exc:  # OSError, or DCP's CheckpointException wrapping one
@@ -284,14 +290,20 @@ class Checkpointer:
         step, future = self._pending
         self._pending = None
         error: BaseException | None = None
+        own: dict[str, dict[str, Any]] | None = None
         try:
-            future.result()
+            own = future.result()
         except SaveErrors as exc:
             error = exc
         tmp = self.root / f"{TMP_PREFIX}{step_dir(self.root, step).name}"
         if not self._all_ok(error is None):
             self._fail(step, tmp, error)
-        self._finalize(step)
+        self._finalize(step, own)
+
+    def _hash_when_written(self, written: Future[Any], tmp: Path) -> dict[str, dict[str, Any]]:
+        """Background thread of an async save: wait for DCP's write, then hash this rank's files."""
+        written.result()
+        return self._hash_own(tmp)
 
     def _own_files(self, tmp: Path) -> list[Path]:
         """The files this rank wrote: its DCP shards (`__<rank>_<n>.distcp`, FileSystemWriter's naming) and RNG
@@ -303,19 +315,21 @@ class Checkpointer:
 
     def _hash_own(self, tmp: Path) -> dict[str, dict[str, Any]]:
         t0 = time.perf_counter()
-        digests = hash_files(self._own_files(tmp))
+        digests = file_digests(self._own_files(tmp))
         self.last_hash_s = time.perf_counter() - t0
-        return {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": h} for p, h in digests.items()}
+        return {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": h} for p, h in digests.items()}
 
-    def _finalize(self, step: int) -> None:
-        """After every rank's data is written: each hashes its own files; rank 0 fsyncs, renames, writes the marker."""
+    def _finalize(self, step: int, own: dict[str, dict[str, Any]] | None = None) -> None:
+        """After every rank's data is written and hashed (`own`: this rank's digests; None: hash them now), rank 0
+        fsyncs, renames and writes the marker."""
         final = step_dir(self.root, step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         error: BaseException | None = None
-        try:
-            own = self._hash_own(tmp)
-        except OSError as exc:
-            error, own = exc, {}
+        if own is None:
+            try:
+                own = self._hash_own(tmp)
+            except OSError as exc:
+                error, own = exc, {}
         listings = self._gather(own)
         if self.is_main and error is None:
             try:
@@ -324,8 +338,8 @@ class Checkpointer:
                     files.update(listing)
                 on_disk = sorted(p for p in tmp.rglob("*") if p.is_file())
                 rest = [p for p in on_disk if str(p.relative_to(tmp)) not in files]
-                files |= {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": h}
-                          for p, h in hash_files(rest).items()}
+                files |= {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": h}
+                          for p, h in file_digests(rest).items()}
                 for p in on_disk:
                     _fsync_path(p)
                 for d in {tmp, *(p.parent for p in on_disk)}:
@@ -333,8 +347,8 @@ class Checkpointer:
                 self._clear_slot(final)
                 os.rename(tmp, final)
                 _fsync_path(self.root, directory=True)
-                marker = {"format": FORMAT, "step": step, "files": dict(sorted(files.items())), "time": time.time(),
-                          "world_size": self.world_size, "layout": self.layout}
+                marker = {"format": FORMAT, "digest": DIGEST, "step": step, "files": dict(sorted(files.items())),
+                          "time": time.time(), "world_size": self.world_size, "layout": self.layout}
                 _write_durably(final / DONE, json.dumps(marker, indent=1).encode())
                 _fsync_path(final, directory=True)
                 self._intact[final] = (final / DONE).stat().st_mtime_ns

@@ -8,20 +8,25 @@ Layout, under `<run_dir>/checkpoints/`:
         rng/rank_00000.pt    each rank's RNG states
         model_config.json    the HF config of the model (what `checkpoint export` writes as config.json)
         identity.json        what must match to resume: the model shape and this format (see run_identity)
-        done                 JSON written last: format, step, layout, and size + sha256 of every file above
+        done                 JSON written last: format, step, layout, and size + digest of every file above
     .tmp-step_0000200/       a save in progress (or one a crash interrupted); never read
     setaside-step_0000100-T/ a dir that stood where a new save had to go (corrupt, or another run's): kept
 
 A checkpoint is *complete* when its done marker parses, lists .metadata and identity.json, is for its own step, and
-every listed file is a regular file of the listed size; it is *intact* when every file also has the listed sha256
+every listed file is a regular file of the listed size; it is *intact* when every file also has the listed digest
 (`problem(verify=True)`, what resume and export check before reading a byte of it). Nothing here deletes: which dirs
 may be deleted is decided in checkpoint.Checkpointer.prune.
+
+A file's digest (DIGEST) is the sha256 of the sha256 digests of its 16 MiB blocks, in order: as sure a sign of changed
+content as a plain sha256 of the file, and its blocks are hashed by parallel threads (hashlib releases the GIL), so
+the one large shard each rank writes is hashed at the speed of all the cores that rank has, not of one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Mapping
@@ -43,8 +48,8 @@ IDENTITY = "identity.json"
 FORMAT = "llama3_hyperpod.torch_checkpoint/2"  # 2: content hashes, identity, flattened (reshardable) optimizer state
 REQUIRED = (".metadata", IDENTITY)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-HASH_BLOCK = 8 * 2**20
-HASH_THREADS = 4
+DIGEST = "sha256 of the sha256 of each 16 MiB block"
+BLOCK = 16 * 2**20
 
 
 class IdentityError(ConfigError):
@@ -134,7 +139,7 @@ def _safe_rel(rel: object) -> bool:
 def _good_entry(entry: object) -> bool:
     if not isinstance(entry, dict):
         return False
-    size, digest = entry.get("bytes"), entry.get("sha256")
+    size, digest = entry.get("bytes"), entry.get("digest")
     return (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(digest, str)
             and _SHA256.match(digest) is not None)
 
@@ -152,7 +157,7 @@ def read_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"unreadable done marker ({type(exc).__name__})"
     if not isinstance(marker, dict):
         return None, "unreadable done marker (not a JSON object)"
-    if marker.get("format") != FORMAT:
+    if marker.get("format") != FORMAT or marker.get("digest") != DIGEST:
         return None, (f"done marker of format {marker.get('format')!r}, not {FORMAT!r} (saved by another version "
                       "without content hashes): not verifiable, left as it is")
     files = marker.get("files")
@@ -172,25 +177,37 @@ def read_marker(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return marker, None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+def hash_threads() -> int:
+    """Threads for hashing: this process's share of the node's cores (torchrun starts LOCAL_WORLD_SIZE per node)."""
+    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(2, (os.cpu_count() or 2) // per_node)
 
 
-def hash_files(paths: Iterable[Path], threads: int = HASH_THREADS) -> dict[Path, str]:
-    """sha256 of each file, a few at a time (hashlib releases the GIL on large buffers)."""
+def file_digests(paths: Iterable[Path], threads: int | None = None) -> dict[Path, str]:
+    """The DIGEST of each file; all their blocks are read (pread) and hashed by a pool of threads."""
     todo = list(paths)
-    if len(todo) <= 1:
-        return {p: sha256_file(p) for p in todo}
-    with ThreadPoolExecutor(max_workers=min(threads, len(todo))) as pool:
-        return dict(zip(todo, pool.map(sha256_file, todo), strict=True))
+    fds: dict[Path, int] = {}
+    try:
+        for p in todo:
+            fds[p] = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        jobs = [(p, offset) for p in todo for offset in range(0, max(os.fstat(fds[p]).st_size, 1), BLOCK)]
+
+        def block(job: tuple[Path, int]) -> bytes:
+            return hashlib.sha256(os.pread(fds[job[0]], BLOCK, job[1])).digest()
+
+        with ThreadPoolExecutor(max_workers=threads or hash_threads()) as pool:
+            blocks = list(pool.map(block, jobs))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    per_file: dict[Path, list[bytes]] = {p: [] for p in todo}
+    for (p, _), digest in zip(jobs, blocks, strict=True):
+        per_file[p].append(digest)
+    return {p: hashlib.sha256(b"".join(digests)).hexdigest() for p, digests in per_file.items()}
 
 
 def check_files(path: Path, files: Mapping[str, Mapping[str, Any]], *, verify: bool) -> str | None:
-    """Why the listed files are not all there with their sizes (and, with verify, their sha256); None if they are."""
+    """Why the listed files are not all there with their sizes (and, with verify, their digest); None if they are."""
     for rel, entry in files.items():
         file = path / rel
         try:
@@ -205,12 +222,12 @@ def check_files(path: Path, files: Mapping[str, Mapping[str, Any]], *, verify: b
             return f"{rel} has {st.st_size} bytes, the done marker says {entry['bytes']} (truncated or overwritten)"
     if verify:
         try:
-            digests = hash_files(path / rel for rel in files)
+            digests = file_digests(path / rel for rel in files)
         except OSError as exc:
             return f"cannot be read ({exc.strerror})"
         for rel, entry in files.items():
-            if digests[path / rel] != entry["sha256"]:
-                return f"{rel} does not have the content the done marker records (sha256 differs: corrupt)"
+            if digests[path / rel] != entry["digest"]:
+                return f"{rel} does not have the content the done marker records (its digest differs: corrupt)"
     return None
 
 

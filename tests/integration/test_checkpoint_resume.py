@@ -31,7 +31,7 @@ from llama3_hyperpod.runlock import LOCK_NAME, read_holder
 from llama3_hyperpod.torch_backend import train as train_module
 from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS, complete_checkpoints, list_step_dirs, problem
 from llama3_hyperpod.torch_backend.checkpoint_commands import load_model_state
-from llama3_hyperpod.torch_backend.checkpoint_files import DONE, SETASIDE_PREFIX, step_dir
+from llama3_hyperpod.torch_backend.checkpoint_files import DONE, SETASIDE_PREFIX, file_digests, step_dir
 from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from llama3_hyperpod.torch_backend.metrics import read_metrics
 from tests.conftest import CONFIG_TINY, REPO, run_cli
@@ -318,8 +318,7 @@ def test_a_checkpoint_that_fails_to_load_leaves_nothing_behind(dataset: Path, tm
         f.truncate(shard.stat().st_size // 2)
     marker = json.loads((bad / DONE).read_text())
     marker["step"] = 9
-    marker["files"]["__0_0.distcp"] = {"bytes": shard.stat().st_size,
-                                       "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}
+    marker["files"]["__0_0.distcp"] = {"bytes": shard.stat().st_size, "digest": file_digests([shard])[shard]}
     (bad / DONE).write_text(json.dumps(marker))
     assert problem(bad) is None  # it verifies: only loading it can fail
     capfd.readouterr()
@@ -340,7 +339,7 @@ def test_two_nodes_share_one_run_dir_and_requeue(dataset: Path, tmp_path: Path) 
     resumes and finishes."""
     port = str(_free_port())
     env = {"MASTER_PORT": port, "MASTER_ADDR": "127.0.0.1"}
-    extra = ("trainer.devices=1", "trainer.num_nodes=2", "trainer.max_steps=12")
+    extra = ("trainer.devices=1", "trainer.num_nodes=2", "trainer.max_steps=8")
 
     def pair() -> list[subprocess.Popen[str]]:
         return [start_cli(tmp_path, "N", dataset, *extra, env={**env, "NODE_RANK": str(rank)}, log_name=f"N{rank}")
@@ -356,7 +355,7 @@ def test_two_nodes_share_one_run_dir_and_requeue(dataset: Path, tmp_path: Path) 
     procs = pair()
     codes = [finish(p, tmp_path / f"N{i}.log") for i, p in enumerate(procs)]
     assert codes == [0, 0], [(tmp_path / f"N{i}.log").read_text()[-3000:] for i in (0, 1)]
-    assert [s for s, _ in losses(tmp_path / "N")] == list(range(1, 13))
+    assert [s for s, _ in losses(tmp_path / "N")] == list(range(1, 9))
     assert f"(step {stopped}," in (tmp_path / "N0.log").read_text()
     assert (tmp_path / "N" / "plan-train-node1.json").is_file()
 
@@ -422,3 +421,22 @@ def test_disk_full_keeps_the_previous_checkpoint(dataset: Path, tmp_path: Path,
         assert load_model_state(root / "step_0000002")
     finally:
         subprocess.run(["umount", "--lazy", str(run_dir)], check=False)
+
+
+def test_async_saves_are_hashed_in_the_background_and_resume_bit_for_bit(dataset: Path, tmp_path: Path) -> None:
+    """exp_manager.async_checkpointing: the digests are computed off the training loop once DCP has written; every
+    checkpoint verifies, and a run stopped after step 4 and resumed gives the losses of one straight run."""
+    torch.set_num_threads(1)
+    extra = ["exp_manager.async_checkpointing=true", "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+             "model.optim.sched.max_steps=8"]
+    straight = train_module.train(load_config(CONFIG_TINY, _tiny(dataset, "trainer.max_steps=8", *extra)),
+                                  tmp_path / "straight", echo=False)
+    first = train_module.train(load_config(CONFIG_TINY, _tiny(dataset, "trainer.max_steps=4", *extra)),
+                               tmp_path / "resumed", echo=False)
+    root = tmp_path / "resumed" / CHECKPOINTS
+    assert [s for s, _ in complete_checkpoints(root, verify=True)] == [2, 4]
+    second = train_module.train(load_config(CONFIG_TINY, _tiny(dataset, "trainer.max_steps=8", *extra)),
+                                tmp_path / "resumed", echo=False)
+    assert second.start_step == 4
+    assert first.losses + second.losses == straight.losses
+    assert [s for s, _ in complete_checkpoints(root, verify=True)] == [2, 4, 6, 8]

@@ -57,12 +57,11 @@ def test_a_50_mb_single_line_stays_under_1_gib(tmp_path: Path) -> None:
                              timeout=300, check=False)
     assert trained.returncode == 0, trained.stderr
     out = tmp_path / "ds"
-    for split in ("line", "file"):
-        code, peak, err = peak_tree_rss([sys.executable, str(REPO / "entrypoint.py"), "data", "prepare", str(line),
-                                         "-o", str(out), "-t", str(tok), "--seq-len", "256", "--workers", "2",
-                                         "--txt-split", split, "--force", "-q"])
-        assert code == 0, err
-        print(f"--txt-split {split}: peak RSS of the process tree {peak / 2**20:.0f} MiB")
-        assert peak < LIMIT, f"{peak / 2**20:.0f} MiB"
-        meta = json.loads((out / "metadata.json").read_text())
-        assert meta["documents"] == 1 and meta["tokens_total"] > SIZE // 8
+    code, peak, err = peak_tree_rss([sys.executable, str(REPO / "entrypoint.py"), "data", "prepare", str(line),
+                                     "-o", str(out), "-t", str(tok), "--seq-len", "256", "--workers", "2",
+                                     "--txt-split", "line", "-q"])
+    assert code == 0, err
+    print(f"peak RSS of the process tree {peak / 2**20:.0f} MiB")  # 627 MiB here (--txt-split file: 629 MiB)
+    assert peak < LIMIT, f"{peak / 2**20:.0f} MiB"
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["documents"] == 1 and meta["tokens_total"] > SIZE // 8

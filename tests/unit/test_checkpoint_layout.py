@@ -12,6 +12,8 @@ import pytest
 
 from llama3_hyperpod.torch_backend.checkpoint import Checkpointer
 from llama3_hyperpod.torch_backend.checkpoint_files import (
+    BLOCK,
+    DIGEST,
     DONE,
     FORMAT,
     IDENTITY,
@@ -30,15 +32,21 @@ HF = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300, "bos_token_i
 OURS = run_identity(HF)
 
 
+def digest(data: bytes) -> str:
+    """DIGEST, written out independently of the code under test."""
+    blocks = [hashlib.sha256(data[i:i + BLOCK]).digest() for i in range(0, max(len(data), 1), BLOCK)]
+    return hashlib.sha256(b"".join(blocks)).hexdigest()
+
+
 def write_marker(path: Path, files: dict[str, bytes], step: int, **extra: object) -> None:
-    listing = {rel: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in files.items()}
-    marker = {"format": FORMAT, "step": step, "files": listing, **extra}
+    listing = {rel: {"bytes": len(data), "digest": digest(data)} for rel, data in files.items()}
+    marker = {"format": FORMAT, "digest": DIGEST, "step": step, "files": listing, **extra}
     (path / DONE).write_text(json.dumps(marker))
 
 
 def fake_checkpoint(root: Path, step: int, *, done: bool = True, size: int = 10,
                     identity: dict[str, object] | None = None) -> Path:
-    """A checkpoint dir shaped like the trainer's (files, identity.json, done marker with sizes and sha256)."""
+    """A checkpoint dir shaped like the trainer's (files, identity.json, done marker with sizes and digests)."""
     path = step_dir(root, step)
     (path / "rng").mkdir(parents=True)
     files = {".metadata": b"m" * 4, "__0_0.distcp": b"x" * size,
@@ -48,6 +56,19 @@ def fake_checkpoint(root: Path, step: int, *, done: bool = True, size: int = 10,
     if done:
         write_marker(path, files, step)
     return path
+
+
+def test_the_digest_covers_every_block(tmp_path: Path) -> None:
+    from llama3_hyperpod.torch_backend.checkpoint_files import file_digests
+
+    big = tmp_path / "big"
+    data = os.urandom(BLOCK * 2 + 12345)
+    big.write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    got = file_digests([big, tmp_path / "empty"], threads=3)
+    assert got == {big: digest(data), tmp_path / "empty": digest(b"")}
+    big.write_bytes(data[:BLOCK * 2 + 100] + b"!" + data[BLOCK * 2 + 101:])  # one byte in the last block
+    assert file_digests([big])[big] != digest(data)
 
 
 def test_complete_needs_done_marker_sizes_and_content(tmp_path: Path) -> None:
@@ -74,10 +95,10 @@ def test_complete_needs_done_marker_sizes_and_content(tmp_path: Path) -> None:
     (b"", "unreadable done marker"),
     (b"\xff\xfe garbage", "unreadable done marker"),
     (b"[1, 2]", "not a JSON object"),
-    (json.dumps({"format": FORMAT, "step": 70, "files": None}).encode(), "lists no files"),
-    (json.dumps({"format": FORMAT, "step": 70, "files": {"../x": {"bytes": 1, "sha256": "0" * 64}}}).encode(),
-     "bad file name"),
-    (json.dumps({"format": FORMAT, "step": 70, "files": {".metadata": 4}}).encode(), "malformed"),
+    (json.dumps({"format": FORMAT, "digest": DIGEST, "step": 70, "files": None}).encode(), "lists no files"),
+    (json.dumps({"format": FORMAT, "digest": DIGEST, "step": 70, "files": {"../x": {"bytes": 1, "digest": "0" * 64}}}
+                ).encode(), "bad file name"),
+    (json.dumps({"format": FORMAT, "digest": DIGEST, "step": 70, "files": {".metadata": 4}}).encode(), "malformed"),
     (json.dumps({"step": 70, "files": {".metadata": 4}}).encode(), "saved by another version"),
 ])  # fmt: skip
 def test_damaged_done_markers_are_named_not_tracebacks(tmp_path: Path, marker: bytes, expected: str) -> None:
