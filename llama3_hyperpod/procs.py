@@ -2,9 +2,12 @@
 
 The launcher starts torchrun in a session of its own (so a terminal's Ctrl-C reaches only the launcher, which
 forwards it); without this a `kill -9` of the launcher left torchrun and its workers training and checkpointing.
-torchrun gets SIGTERM when the launcher dies: its own handler stops the workers (SIGTERM, then SIGKILL after 30 s:
-torch.distributed.elastic.multiprocessing.api, `_close(death_sig, timeout=30)`), which covers NxDT's workers too;
-the torch trainer's workers also ask for SIGKILL should torchrun itself die.
+torchrun gets SIGTERM when the launcher dies: its handler (torch 2.13, distributed/elastic/multiprocessing/api.py:539,
+TORCHELASTIC_SIGNALS_TO_HANDLE default SIGTERM,SIGINT,SIGHUP,SIGQUIT) makes the agent shut its workers down
+(agent/server/api.py:752-754: SIGTERM to each, SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default 30 s,
+launcher/api.py:146-149), which covers NxDT's workers too; torchrun starts them in sessions of their own
+(subprocess_handler.py:66), so nothing else would reach them. The torch trainer's workers also ask for SIGKILL
+should torchrun itself die.
 
 prctl(2): the signal is sent when the parent *thread* exits; subprocess.Popen and torchrun both start children from
 their main thread. A parent that died before the child's prctl is caught by comparing getppid() afterwards.

@@ -133,8 +133,8 @@ def _app_state(
 ) -> dict[str, Any]:
     """What DCP saves and loads; get_state_dict gives FQN keys that do not depend on the TP/FSDP wrapping.
 
-    Note: on an optimizer without state, get_state_dict first creates it (one zero-lr step; torch's
-    `_init_optim_state`); `Checkpointer.load` undoes that when the load fails.
+    Note: on an optimizer without state, get_state_dict first creates it (one zero-lr step: torch 2.13
+    distributed/checkpoint/state_dict.py:629 `_init_optim_state`); `Checkpointer.load` undoes that when the load fails.
     """
     model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
     return {
@@ -306,8 +306,9 @@ class Checkpointer:
         return self._hash_own(tmp)
 
     def _own_files(self, tmp: Path) -> list[Path]:
-        """The files this rank wrote: its DCP shards (`__<rank>_<n>.distcp`, FileSystemWriter's naming) and RNG
-        state; rank 0 also the metadata and config files. Rank 0 hashes whatever else it finds."""
+        """The files this rank wrote: its DCP shards (`__<rank>_<n>.distcp`: FileSystemWriter's naming, torch 2.13
+        distributed/checkpoint/filesystem.py:666 and :690) and RNG state; rank 0 also the metadata and config files.
+        Rank 0 hashes whatever else it finds, so another naming costs time, never coverage."""
         own = [tmp / "rng" / f"rank_{self.rank:05d}.pt", *sorted(tmp.glob(f"__{self.rank}_*.distcp"))]
         if self.is_main:
             own += [tmp / name for name in (".metadata", MODEL_CONFIG, IDENTITY)]

@@ -63,6 +63,9 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(rc.cfg.compiler_cache_url) / "inductor"))
     run_dir = output_dir / f"smoke-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(rc, run_dir, device=device)
+    if result.stop_signal:  # Ctrl-C, a lost terminal, a scheduler's TERM: no verdict on a run cut short
+        click.echo(f"smoke: stopped by a signal after {len(result.losses)} steps (exit {result.exit_code})", err=True)
+        return result.exit_code
 
     losses = result.losses
     head, tail = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
