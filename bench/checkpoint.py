@@ -6,7 +6,9 @@ One process, one run: a ~58M-parameter Llama 3 (hidden 512, 8 layers, vocab 3200
 - sync save (checkpoint.Checkpointer, DCP + fsync + rename + done marker): bytes / time, as a fraction of raw;
   the training stall is the whole save;
 - async save (exp_manager.async_checkpointing): the loop blocks only while the state is copied to host memory,
-  the write overlaps the next steps; the stall is that copy plus how much slower the overlapping steps ran.
+  the write overlaps the next steps; the stall is that copy plus how much slower the overlapping steps ran;
+- what the content hashes cost: sha256 of every file at save (inside the sync figure above, shown on its own) and
+  the verification before a load, next to the load itself (into fresh tensors, then applied).
 
     python bench/checkpoint.py [--dir DIR_ON_THE_DISK_TO_TEST] [--json]
 """
@@ -97,13 +99,22 @@ def run(base: Path) -> dict[str, Any]:
     step()  # AdamW state exists from here on: the checkpoint has its full size
     baseline = statistics.median(step() for _ in range(3))
 
-    sync_s, nbytes = float("inf"), 0
+    sync_s, nbytes, hash_s, verify_s, load_s = float("inf"), 0, float("inf"), float("inf"), float("inf")
     for rep in range(REPEATS):  # best of a few: the machine's CPUs and disk are shared
-        sync = Checkpointer(base / "sync", rank=0, world_size=1, keep=1, async_save=False, log=lambda _m: None)
+        sync = Checkpointer(base / "sync", rank=0, world_size=1, keep=1, async_save=False, hf_config=HF,
+                            log=lambda _m: None)
         t0 = time.perf_counter()
         sync.save(rep + 1, model, optimizer, scheduler, consumed=0)
         sync_s = min(sync_s, time.perf_counter() - t0)
-        nbytes = dir_bytes(step_dir(sync.root, rep + 1))
+        hash_s = min(hash_s, sync.last_hash_s)
+        saved = step_dir(sync.root, rep + 1)
+        nbytes = dir_bytes(saved)
+        t0 = time.perf_counter()
+        assert sync.verify(saved) is None
+        verify_s = min(verify_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sync.load(saved, model, optimizer, scheduler)
+        load_s = min(load_s, time.perf_counter() - t0)
         shutil.rmtree(sync.root)
 
     raw = max(raw_write_bandwidth(base, nbytes) for _ in range(REPEATS))
@@ -136,13 +147,17 @@ def run(base: Path) -> dict[str, Any]:
     print(f"raw sequential write + fsync: {raw / mb:.0f} MB/s | training step {baseline:.3f} s")
     print(f"sync save : {sync_s:.2f} s = {nbytes / sync_s / mb:.0f} MB/s = {100 * nbytes / sync_s / raw:.0f}% of "
           f"raw | training stall {sync_s:.2f} s ({sync_s / baseline:.1f} steps)")
+    print(f"content hashes: sha256 at save {hash_s:.2f} s ({100 * hash_s / sync_s:.0f}% of the sync save, "
+          f"{nbytes / hash_s / mb:.0f} MB/s) | verify before a load {verify_s:.2f} s, the load itself {load_s:.2f} s "
+          f"(+{100 * verify_s / load_s:.0f}%)")
     print(f"async save: durable after {async_s:.2f} s = {nbytes / async_s / mb:.0f} MB/s = "
           f"{100 * nbytes / async_s / raw:.0f}% of raw | training stall {blocked + slowdown:.2f} s (blocked "
           f"{blocked:.2f} s staging + {slowdown:.2f} s slower over {n_overlapped} overlapping steps)")
     return {
         "params": num_params(model), "checkpoint_bytes": nbytes, "raw_write_MBps": raw / mb, "step_s": baseline,
         "sync": {"seconds": sync_s, "MBps": nbytes / sync_s / mb, "fraction_of_raw": nbytes / sync_s / raw,
-                 "stall_s": sync_s},
+                 "stall_s": sync_s, "hash_s": hash_s},
+        "load": {"verify_s": verify_s, "load_s": load_s},
         "async": {"seconds_to_durable": async_s, "MBps": nbytes / async_s / mb,
                   "fraction_of_raw": nbytes / async_s / raw, "blocked_s": blocked, "overlapped_steps": n_overlapped,
                   "overlap_slowdown_s": slowdown, "stall_s": blocked + slowdown},

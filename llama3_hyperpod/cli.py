@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -37,6 +38,21 @@ def user_errors(func: F) -> F:
             fail(exc.key, exc.message)
 
     return wrapper  # type: ignore[return-value]
+
+
+class UserErrorGroup(click.Group):
+    """The top-level group: a user error raised by any command (and subgroup) ends in one line and exit 2, and so
+    does the environment's (a read-only or full disk, a missing permission): OSError names the file."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            fail(exc.key, exc.message)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # stdout closed early (`| head`): click's own handling
+                raise
+            fail(str(exc.filename or ctx.invoked_subcommand or "error"), exc.strerror or str(exc))
 
 
 def plan_options(func: F) -> F:
@@ -89,7 +105,7 @@ def check_memory(plan: Plan) -> None:
                           "enable ZeRO-1 or recompute, or lower the micro batch or sequence length")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="llama3-hyperpod")
 def main() -> None:
     """Train Llama 3 on AWS Trainium (NxDT) with SageMaker HyperPod, or anywhere with the PyTorch backend.
@@ -113,11 +129,10 @@ def plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str |
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        from rich.console import Console
-
+        from llama3_hyperpod.console import stdout_console
         from llama3_hyperpod.report import render_plan
 
-        render_plan(result, Console())
+        render_plan(result, stdout_console())
     check_memory(result)
 
 
@@ -143,15 +158,48 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
     if dry_run:
         click.echo(launch.shell())
         return
-    if result.backend == "torch":  # NxDT reads its data itself; for our trainer we check (and make) it first
-        prepare_torch_data(result)
+    from llama3_hyperpod import runlock
+
     run_dir = Path(result.run_dir)
+    node_rank = result.cluster["node_rank"]
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Node 0 owns the run dir for the run's life (torchrun inherits the lock); other nodes of the job never take it.
+    lock = runlock.acquire(run_dir, purpose=mode) if node_rank == 0 else None
+    try:
+        code, cache_is_local, start = _launch_locked(mode, result, launch, run_dir, node_rank, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+    if mode == "compile" and code == 0 and cache_is_local:
+        from llama3_hyperpod.cache.manifest import write_manifest
+
+        written = write_manifest(result.compile_cache_dir, result, compile_seconds=time.monotonic() - start)
+        click.echo(f"compile: cache manifest {written}", err=True)
+    sys.exit(code)
+
+
+def _launch_locked(mode: str, result: Plan, launch: Any, run_dir: Path, node_rank: int,
+                   lock: Any) -> tuple[int, bool, float]:
+    """Everything a launch does once the run dir is ours: checks that refuse in one line, then the run itself."""
+    from llama3_hyperpod.exitcodes import requeue_marker
+    from llama3_hyperpod.fsutil import write_text
+    from llama3_hyperpod.launch import check_port_free, run
+
+    if node_rank == 0:  # the rendezvous store listens here; a taken port is otherwise a torchrun traceback
+        check_port_free(int(result.cluster["master_port"]))
+    if result.backend == "torch":  # NxDT reads its data itself; for our trainer we check (and make) it first
+        from llama3_hyperpod.torch_backend.checkpoint_files import CHECKPOINTS, check_identity
+        from llama3_hyperpod.torch_backend.rundir import refuse_links_in
+
+        refuse_links_in(run_dir)
+        if mode == "train":
+            check_identity(run_dir / CHECKPOINTS, result.checkpoints["identity"])
+        prepare_torch_data(result)
     if result.backend == "neuron":
         Path(launch.cwd).mkdir(parents=True, exist_ok=True)
         if mode == "train":
             pin_neuron_resume(result)
-    (run_dir / f"plan-{mode}-node{result.cluster['node_rank']}.json").write_text(json.dumps(result.to_dict(), indent=2))
+    write_text(run_dir / f"plan-{mode}-node{node_rank}.json", json.dumps(result.to_dict(), indent=2))
     cache_is_local = not result.compile_cache_dir.startswith("s3://")
     if cache_is_local:
         seed_baked_cache(Path(result.compile_cache_dir))
@@ -161,17 +209,10 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
         verdict = verify(result)
         if verdict.status in ("miss", "unknown"):
             click.echo(f"warning: {verdict.message()}", err=True)
-    from llama3_hyperpod.exitcodes import requeue_marker
-    from llama3_hyperpod.launch import run
-
     start = time.monotonic()
-    code = run(launch, result.rlimits, requeue_marker=requeue_marker(run_dir, result.cluster["node_rank"]))
-    if mode == "compile" and code == 0 and cache_is_local:
-        from llama3_hyperpod.cache.manifest import write_manifest
-
-        written = write_manifest(result.compile_cache_dir, result, compile_seconds=time.monotonic() - start)
-        click.echo(f"compile: cache manifest {written}", err=True)
-    sys.exit(code)
+    code = run(launch, result.rlimits, requeue_marker=requeue_marker(run_dir, node_rank),
+               keep_fds=[lock.fd] if lock is not None else [])
+    return code, cache_is_local, start
 
 
 def pin_neuron_resume(result: Plan) -> None:

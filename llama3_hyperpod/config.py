@@ -32,6 +32,33 @@ if not OmegaConf.has_resolver("multiply"):
     OmegaConf.register_new_resolver("multiply", lambda x, y: x * y)
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RUN_NAME_MAX = 128  # one path component, well below NAME_MAX (255) with room for the project's own suffixes
+
+
+def check_run_name(name: str, key: str) -> None:
+    """A run name names one folder under the output dir: a single path component of sane length."""
+    if not isinstance(name, str) or not _RUN_NAME.match(name):
+        raise ConfigError(key, f"{name!r} must be letters, digits, '.', '_' or '-', starting with a letter or digit "
+                          "(it names one folder under the output dir)")
+    if len(name) > RUN_NAME_MAX:
+        raise ConfigError(key, f"is {len(name)} characters long; at most {RUN_NAME_MAX} (it names a folder)")
+
+
+# Numbers that must be finite and in range: (key, lowest, highest, lowest allowed itself). NaN and inf pass every
+# `<` test, so each is checked with math.isfinite first. seed: PyTorch Lightning's seed_everything (used by NxDT)
+# accepts 0..2**32-1 (lightning/fabric/utilities/seed.py: np.iinfo(np.uint32)); numpy's default_rng rejects < 0.
+_NUMBER_RULES: tuple[tuple[str, float, float, bool], ...] = (
+    ("model.optim.lr", 0, math.inf, False),
+    ("model.optim.weight_decay", 0, math.inf, True),
+    ("model.optim.eps", 0, math.inf, False),
+    ("model.optim.sched.min_lr", 0, math.inf, True),
+    ("trainer.gradient_clip_val", 0, math.inf, True),
+    ("trainer.limit_val_batches", 0, math.inf, True),
+    ("trainer.limit_test_batches", 0, math.inf, True),
+    ("model.rope_theta", 0, math.inf, False),
+    ("torch_backend.peak_tflops", 0, math.inf, False),
+    ("seed", 0, 2**32 - 1, True),
+)
 # Keys holding filesystem paths: a relative one is resolved against the YAML's folder when the YAML sets it, against
 # the working directory when an override does. `data.tokenizer.type` may also be a hub name: resolved only if it exists.
 PATH_KEYS = ("model.model_config", "data.train_dir", "data.val_dir", "data.test_dir", "data.tokenizer",
@@ -136,8 +163,11 @@ def load_config(
     OmegaConf.set_readonly(typed, True)
     OmegaConf.set_readonly(raw, True)
 
-    model = load_model_shape(typed)
-    layout = _layout(typed)
+    try:  # a mandatory value still missing (model.model_config: ???) surfaces here, as OmegaConf's exception
+        model = load_model_shape(typed)
+        layout = _layout(typed)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, fallback="config") from None
     seq_len = typed.data.seq_length or typed.model.encoder_seq_length
     rc = RunConfig(
         path=config_path,
@@ -377,8 +407,6 @@ def _shape_from_hf(hf: dict[str, Any], key: str, path: Path | str) -> ModelShape
         eps = float(hf.get("rms_norm_eps", 1e-6))
     except (TypeError, ValueError):
         raise ConfigError(key, f"{path}: 'rope_theta' and 'rms_norm_eps' must be numbers") from None
-    if not (math.isfinite(rope_theta) and rope_theta > 0 and math.isfinite(eps) and eps > 0):
-        raise ConfigError(key, f"{path}: 'rope_theta' and 'rms_norm_eps' must be finite and > 0")
     return ModelShape(
         hidden_size=need_int("hidden_size"),
         intermediate_size=need_int("intermediate_size"),
@@ -485,18 +513,15 @@ def _layout(cfg: DictConfig) -> Layout:
 def validate(rc: RunConfig, *, require_data: bool = False) -> None:
     """Every cross-field rule; the first broken one raises. Order: cheap scalar checks, then shapes, then files."""
     cfg, m, lay = rc.cfg, rc.model, rc.layout
-    if not _RUN_NAME.match(cfg.name):
-        raise ConfigError("name", f"{cfg.name!r} must be letters, digits, '.', '_' or '-' (it names the run folder)")
+    check_run_name(cfg.name, "name")
+    _check_numbers(rc)
     _one_of("model_source", cfg.model_source, schema.MODEL_SOURCES)
     _positive(cfg, "data.micro_batch_size", "data.global_batch_size", "model.encoder_seq_length", "trainer.max_steps",
               "trainer.log_every_n_steps")
     every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
     if every is not None and every < 1:
         raise ConfigError("exp_manager.checkpoint_callback_params.every_n_train_steps", f"must be >= 1, got {every}")
-    _at_least_zero(cfg, "trainer.gradient_clip_val", "model.optim.weight_decay", "model.optim.sched.warmup_steps",
-                   "model.optim.sched.min_lr", "model.optim.sched.constant_steps")
-    if cfg.model.optim.lr <= 0:
-        raise ConfigError("model.optim.lr", f"must be > 0, got {cfg.model.optim.lr}")
+    _at_least_zero(cfg, "model.optim.sched.warmup_steps", "model.optim.sched.constant_steps")
     betas = list(cfg.model.optim.betas)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError("model.optim.betas", f"must be two numbers in [0, 1), got {betas}")
@@ -562,6 +587,23 @@ def validate(rc: RunConfig, *, require_data: bool = False) -> None:
             raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
         if not train_dir.startswith("s3://") and not Path(train_dir).exists():
             raise ConfigError("data.train_dir", f"{train_dir} does not exist")
+
+
+def _check_numbers(rc: RunConfig) -> None:
+    """Every number in _NUMBER_RULES (and the model's rope_theta / rms_norm_eps) is finite and in its range."""
+    values = [(key, _get(rc.cfg, key), lo, hi, closed) for key, lo, hi, closed in _NUMBER_RULES]
+    values += [("model.model_config", rc.model.rope_theta, 0, math.inf, False),
+               ("model.model_config", rc.model.rms_norm_eps, 0, math.inf, False)]
+    for key, value, lo, hi, closed in values:
+        if value is None:
+            continue
+        finite = isinstance(value, int) or math.isfinite(value)  # (a huge int overflows isfinite)
+        bad = not finite or value > hi or value < lo or (value == lo and not closed)
+        if bad:
+            low = f">= {lo}" if closed else f"> {lo}"
+            span = low if hi == math.inf else f"{low} and <= {hi}"
+            what = "rope_theta and rms_norm_eps must be" if key == "model.model_config" else "must be"
+            raise ConfigError(key, f"{what} a finite number {span}, got {value}")
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:

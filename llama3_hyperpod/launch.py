@@ -3,29 +3,45 @@
 torchrun is in the way of two things the sbatch scripts rely on: it dies of SIGUSR1 (Slurm's `--signal=USR1@N`
 time-limit warning) and it turns a worker's exit code into 1. So the launched process starts with USR1/USR2 ignored
 (the trainer installs its own handlers), signals go to the workers, and a trainer that checkpointed for a requeue
-says so with a marker file in the run dir, which becomes exit code 85 here.
+says so with a marker file in the run dir, which becomes exit code 85 here. SIGINT / SIGHUP received here end the
+launch with 130 / 129 (the trainer checkpoints on them like on SIGTERM).
+
+A forwarded signal reaches each worker once it has a handler for it (its SigCgt mask in /proc): a USR1 that comes
+while the workers are still starting (importing torch, or not yet spawned) waits for them instead of being dropped
+on the inherited SIG_IGN. TERM/INT/HUP go to a worker that has no handler yet after a short grace period (they then
+end it, as the sender asked); with no worker started yet they go to torchrun, which then stops starting them.
+
+torchrun dies with the launcher (PR_SET_PDEATHSIG, procs.py), and inherits the run dir's lock (runlock.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import psutil
 
+from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_REQUEUE
 from llama3_hyperpod.plan import Launch
+from llama3_hyperpod.procs import preexec_die_with_parent, take_early
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 IGNORED_BY_LAUNCHER_CHILD = (signal.SIGUSR1, signal.SIGUSR2)
+EXIT_ON_SIGNAL = (signal.SIGINT, signal.SIGHUP)  # the launch then ends with 128 + N, whatever torchrun says
+GRACE_S = 10.0  # how long a TERM/INT/HUP waits for a worker still starting to install its handler
+POLL_S = 0.2
 
 
 def raise_nofile(limit: int) -> None:
@@ -36,15 +52,82 @@ def raise_nofile(limit: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _signal_workers(pid: int, signum: int) -> None:
-    """Send `signum` to every descendant of `pid` (torchrun's workers); to `pid` itself when it has none."""
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux: the SigCgt mask of /proc/PID/status)."""
     try:
-        targets = psutil.Process(pid).children(recursive=True) or [psutil.Process(pid)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in targets:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signum)
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        return False
+    return not sys.platform.startswith("linux")
+
+
+class Forwarder:
+    """Signals received by the launcher, delivered to every worker (descendant of the child) once it can take them."""
+
+    def __init__(self) -> None:
+        self.child_pid: int | None = None
+        self.received: list[int] = []
+        self._pending: dict[int, tuple[float, set[int]]] = {}  # signum -> (received at, pids delivered to)
+
+    def receive(self, signum: int) -> None:
+        self.received.append(signum)
+        if signum not in self._pending:
+            self._pending[signum] = (time.monotonic(), set())
+        self.deliver()
+
+    def attach(self, child_pid: int) -> None:
+        self.child_pid = child_pid
+        self.deliver()
+
+    def deliver(self) -> None:
+        """Send each pending signal to the workers that have not had it yet and can take it now."""
+        if self.child_pid is None or not self._pending:
+            return
+        try:
+            workers = psutil.Process(self.child_pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for signum, (since, done) in self._pending.items():
+            late = time.monotonic() - since > GRACE_S
+            for proc in workers:
+                if proc.pid in done:
+                    continue
+                if catches(proc.pid, signum) or (signum not in IGNORED_BY_LAUNCHER_CHILD and late):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        proc.send_signal(signum)
+                    done.add(proc.pid)
+            if not workers and signum not in IGNORED_BY_LAUNCHER_CHILD and self.child_pid not in done:
+                with contextlib.suppress(psutil.NoSuchProcess):  # nothing started yet: torchrun stops
+                    psutil.Process(self.child_pid).send_signal(signum)
+                done.add(self.child_pid)
+
+
+def _child_setup() -> Callable[[], None]:
+    """What the child runs before exec: ignore USR1/USR2 (see the module doc) and die with this launcher."""
+    die_with_launcher = preexec_die_with_parent(signal.SIGTERM)
+
+    def setup() -> None:
+        for sig in IGNORED_BY_LAUNCHER_CHILD:
+            signal.signal(sig, signal.SIG_IGN)
+        die_with_launcher()
+
+    return setup
+
+
+def check_port_free(port: int) -> None:
+    """Node 0 hosts torchrun's rendezvous store on MASTER_PORT: say so in one line if something listens there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError("MASTER_PORT", f"port {port} is already in use on this host (another run, or set "
+                                  "MASTER_PORT to a free port)") from None
+            raise ConfigError("MASTER_PORT", f"cannot listen on port {port}: {exc.strerror}") from None
 
 
 def _restore(handlers: Mapping[signal.Signals, Any]) -> None:
@@ -57,11 +140,12 @@ def run(
     rlimits: Mapping[str, int] | None = None,
     base_env: Mapping[str, str] | None = None,
     requeue_marker: Path | None = None,
+    keep_fds: Sequence[int] = (),
 ) -> int:
     """Run `launch` to completion and return its exit code (128 + N when it died of signal N).
 
     When `requeue_marker` exists after the run, the trainer saved a checkpoint and asked for a requeue: return 85
-    whatever torchrun returned.
+    whatever torchrun returned. `keep_fds` stay open in the child (the run dir's lock).
     """
     if rlimits and "nofile" in rlimits:
         raise_nofile(rlimits["nofile"])
@@ -73,30 +157,39 @@ def run(
         print(f"error: working directory {launch.cwd} does not exist (is this the right image/backend?)",
               file=sys.stderr)
         return 127
-    # An ignored disposition survives fork and exec: with USR1/USR2 ignored while the child starts, torchrun outlives
-    # a USR1, while the trainer's own handlers still receive it.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in FORWARDED_SIGNALS}
+    forwarder = Forwarder()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        forwarder.receive(signum)
+
+    # Installed before the child exists, so no signal is lost while it starts; the child itself ignores USR1/USR2
+    # (an ignored disposition survives exec: torchrun outlives a USR1, the trainer installs its own handlers).
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    for early in take_early():  # what came while the launch was being prepared (entrypoint.py)
+        forwarder.receive(early)
     try:
-        for sig in FORWARDED_SIGNALS:
-            if sig not in IGNORED_BY_LAUNCHER_CHILD:
-                signal.signal(sig, previous[sig])
-        child = subprocess.Popen(launch.argv, env=env, cwd=launch.cwd, start_new_session=True)
+        child = subprocess.Popen(launch.argv, env=env, cwd=launch.cwd, start_new_session=True, pass_fds=keep_fds,
+                                 preexec_fn=_child_setup())  # noqa: PLW1509  (single-threaded launcher)
     except FileNotFoundError:
         _restore(previous)
         print(f"error: {launch.argv[0]}: command not found (is this the right image/backend?)", file=sys.stderr)
         return 127
-
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        _signal_workers(child.pid, signum)
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
     try:
-        code = child.wait()
+        forwarder.attach(child.pid)
+        while True:
+            try:
+                code = child.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                forwarder.deliver()
     finally:
         _restore(previous)
     if requeue_marker is not None and requeue_marker.exists():
         requeue_marker.unlink(missing_ok=True)
         print(f"launch: the trainer checkpointed and asks for a requeue (exit {EXIT_REQUEUE})", file=sys.stderr)
         return EXIT_REQUEUE
+    stopped = next((s for s in forwarder.received if s in EXIT_ON_SIGNAL), None)
+    if stopped is not None:
+        print(f"launch: stopped by {signal.Signals(stopped).name} (exit {128 + stopped})", file=sys.stderr)
+        return 128 + stopped
     return 128 - code if code < 0 else code

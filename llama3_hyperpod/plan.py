@@ -15,8 +15,8 @@ from typing import Any
 
 from llama3_hyperpod import schema
 from llama3_hyperpod.cache.seed import runtime_cache_dir
-from llama3_hyperpod.cluster import Accelerator, Cluster, cluster_from_env
-from llama3_hyperpod.config import ConfigError, RunConfig, load_config, tokenizer_path
+from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env
+from llama3_hyperpod.config import ConfigError, RunConfig, check_run_name, load_config, tokenizer_path
 from llama3_hyperpod.data.default import default_name
 from llama3_hyperpod.launchspec import Launch, split_env
 from llama3_hyperpod.memory import MemoryEstimate, estimate_memory, flops_per_token, layers_per_stage
@@ -103,16 +103,15 @@ def build_plan(
     instance = _check_backend_rules(rc, accelerator)
     warnings: list[str] = list(rc.warnings)
     if cluster.source != "slurm":  # outside Slurm the config says how many nodes; NODE_RANK/MASTER_ADDR say which
-        raw_rank = env.get("NODE_RANK", "0") or "0"
-        if not raw_rank.isdigit():
-            raise ConfigError("NODE_RANK", f"must be a node index 0..{rc.layout.num_nodes - 1}, got {raw_rank!r}")
-        node_rank = int(raw_rank)
+        node_rank = _int_env(env, "NODE_RANK", 0)
         if not 0 <= node_rank < rc.layout.num_nodes:
             raise ConfigError("NODE_RANK", f"{node_rank} is outside 0..{rc.layout.num_nodes - 1}")
         cluster = replace(cluster, num_nodes=rc.layout.num_nodes, node_rank=node_rank)
         if rc.layout.num_nodes > 1 and "MASTER_ADDR" not in env:
             warnings.append(f"{rc.layout.num_nodes} nodes outside Slurm: set MASTER_ADDR and NODE_RANK on each node")
 
+    if run_name is not None:
+        check_run_name(run_name, "--run-name")
     name = run_name or str(rc.cfg.name)
     explicit = rc.cfg.exp_manager.explicit_log_dir
     run_dir = str(Path(explicit) if explicit else (Path(output_dir) / name).resolve())
@@ -243,7 +242,7 @@ def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[
     elif every is None or every >= rc.cfg.trainer.max_steps:
         warnings.append("exp_manager.checkpoint_callback_params.every_n_train_steps saves nothing before the end: "
                         "a failure loses the whole run")
-    return {
+    policy: dict[str, Any] = {
         "enabled": enabled,
         "dir": str(Path(run_dir) / "checkpoints"),
         "every_n_train_steps": every,
@@ -253,6 +252,11 @@ def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[
         "save_on_signal": backend == "torch",
         "max_steps": int(rc.cfg.trainer.max_steps),  # with every_n_train_steps and keep: how many are on disk
     }
+    if backend == "torch":  # what a checkpoint must share with this run to be resumed (checkpoint_files.py)
+        from llama3_hyperpod.torch_backend.checkpoint_files import run_identity
+
+        policy["identity"] = run_identity(rc.model.hf_config)
+    return policy
 
 
 def default_data_root(output_dir: str | Path) -> Path:

@@ -32,7 +32,7 @@ def _user_errors() -> Iterator[None]:
         click.echo(f"error: {exc.key}: {exc.message}", err=True)
         sys.exit(EXIT_BAD_INPUT)
     except SeedError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {exc.key}: {exc.message}", err=True)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -78,9 +78,9 @@ def inspect_cmd(directory: str | None, as_json: bool, expected_version: str | No
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        from rich.console import Console
+        from llama3_hyperpod.console import stdout_console
 
-        render_report(report, Console())
+        render_report(report, stdout_console())
     if not report.ok:
         sys.exit(EXIT_PROBLEMS)
 

@@ -205,6 +205,7 @@ def render_report(report: CacheReport, console: Any) -> None:
                      else "  no manifest"))
     if report.neuron:
         table = Table("compiler", "module", "state", "size", "files", "log")
+        table.columns[1].overflow = "fold"  # a module name is a hash to grep for: never cut with an ellipsis
         for e in report.neuron:
             color = {"complete": "green", "locked": "yellow"}.get(e.state, "red")
             table.add_row(e.compiler_version, e.name, f"[{color}]{e.state}[/{color}]", human_bytes(e.size),
@@ -218,6 +219,7 @@ def render_report(report: CacheReport, console: Any) -> None:
         console.print(table)
     if report.problems:
         table = Table("problem", "where", "what")
+        table.columns[1].overflow = "fold"
         for p in report.problems:
             color = "red" if p.severity == "error" else "yellow"
             table.add_row(f"[{color}]{p.kind}[/{color}]", p.path, p.message)

@@ -5,6 +5,10 @@ node may call this at once: one lock file serialises seeding per run-time dir, e
 copied into a temp name and renamed into place (so no reader ever sees half an entry), every other file is copied
 to a temp name and renamed, and what is already there is left alone, so a second seed copies nothing.
 Hard links are used instead of copies when both dirs are on one filesystem (and the kernel allows it).
+
+Only regular files that live inside the baked cache are copied or linked: a symbolic link in it (to /etc/passwd, to
+a dir elsewhere) is skipped and counted, never followed. On the run-time side, a link where a dir or entry would go
+is refused: nothing is written through it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +34,8 @@ from llama3_hyperpod.cache.manifest import (
     merge_manifest,
     read_manifest,
 )
+from llama3_hyperpod.config import ConfigError
+from llama3_hyperpod.fsutil import link_message
 
 ENV_RUNTIME_DIR = "L3HP_CACHE_DIR"
 ENV_BAKED_DIR = "L3HP_BAKED_CACHE"
@@ -37,8 +44,8 @@ LOCK_NAME = ".seed.lock"
 DONE_MARKERS = ("model.done",)  # copied last inside an entry: the marker Neuron trusts
 
 
-class SeedError(Exception):
-    """Seeding could not be done (lock timeout, unwritable run-time dir)."""
+class SeedError(ConfigError):
+    """Seeding could not be done (lock timeout, unwritable run-time dir, a link in the way, a broken manifest)."""
 
 
 @dataclass
@@ -49,6 +56,7 @@ class SeedReport:
     files_copied: int = 0
     files_linked: int = 0
     files_skipped: int = 0
+    links_skipped: int = 0  # symbolic links (and other non-regular files) in the baked cache: never followed
     bytes_copied: int = 0
     lock_wait_s: float = 0.0
     seconds: float = 0.0
@@ -79,7 +87,8 @@ def _locked(path: Path, timeout: float) -> Iterator[float]:
                 break
             except BlockingIOError:
                 if time.monotonic() - start > timeout:
-                    raise SeedError(f"{path}: still locked by another seeding process after {timeout:.0f} s") from None
+                    raise SeedError(str(path), f"still locked by another seeding process after {timeout:.0f} s"
+                                    ) from None
                 time.sleep(0.05)
         try:
             yield time.monotonic() - start
@@ -89,6 +98,19 @@ def _locked(path: Path, timeout: float) -> Iterator[float]:
 
 def _tmp_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _regular(path: Path) -> bool:
+    """A regular file itself, not a link to one (lstat)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _no_link(path: Path) -> None:
+    if path.is_symlink():
+        raise SeedError(str(path), link_message())
 
 
 def _place_file(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
@@ -111,8 +133,10 @@ def _place_file(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
 
 def _seed_entry(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
     """One Neuron MODULE_* dir: whole into a temp dir then renamed; an existing one only gets its missing files."""
-    files = sorted((p for p in src.iterdir() if p.is_file() and not is_bookkeeping(Path(p.name))),
-                   key=lambda p: (p.name in DONE_MARKERS, p.name))
+    _no_link(dest)
+    entries = [p for p in src.iterdir() if not is_bookkeeping(Path(p.name))]
+    files = sorted((p for p in entries if _regular(p)), key=lambda p: (p.name in DONE_MARKERS, p.name))
+    report.links_skipped += sum(1 for p in entries if not _regular(p) and not (p.is_dir() and not p.is_symlink()))
     if not dest.exists():
         tmp = _tmp_name(dest)
         tmp.mkdir(parents=True)
@@ -134,7 +158,7 @@ def _seed_entry(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
         return
     for f in files:
         target = dest / f.name
-        if target.exists():
+        if target.exists() or target.is_symlink():
             report.files_skipped += 1
         else:
             _place_file(f, target, link, report)
@@ -146,6 +170,10 @@ def _walk(baked: Path, runtime: Path, link: bool, report: SeedReport) -> None:
         rel = here.relative_to(baked)
         dirnames.sort()
         out_dir = runtime / rel
+        linked_dirs = [d for d in dirnames if (here / d).is_symlink()]  # os.walk lists them but does not enter
+        report.links_skipped += len(linked_dirs)
+        dirnames[:] = [d for d in dirnames if d not in linked_dirs]
+        _no_link(out_dir)
         in_neuron_version = len(rel.parts) == 1 and rel.parts[0].startswith(NEURON_VERSION_PREFIX)
         if in_neuron_version:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,12 +184,35 @@ def _walk(baked: Path, runtime: Path, link: bool, report: SeedReport) -> None:
             rel_file = rel / name
             if is_bookkeeping(rel_file) or rel_file.as_posix() == MANIFEST_NAME:
                 continue
+            if not _regular(here / name):
+                report.links_skipped += 1
+                continue
             dest = out_dir / name
-            if dest.exists() and dest.stat().st_size == (here / name).stat().st_size:
-                report.files_skipped += 1
+            if dest.is_symlink() or (dest.exists() and dest.stat().st_size == (here / name).stat().st_size):
+                report.files_skipped += 1  # a link there is not ours to replace or write through
                 continue
             out_dir.mkdir(parents=True, exist_ok=True)
             _place_file(here / name, dest, link, report)
+
+
+def _merge_baked_manifest(baked: Path, runtime: Path, report: SeedReport) -> None:
+    """Add the baked manifest's compile records to the run-time one (a broken manifest is a one-line SeedError)."""
+    try:
+        baked_manifest = read_manifest(baked)
+        if baked_manifest is None:
+            return
+        current = read_manifest(runtime) or {"compiles": []}
+        if not all(isinstance(c, dict) for c in (*baked_manifest["compiles"], *current["compiles"])):
+            raise ValueError("its 'compiles' list holds something other than records")
+        known = {c.get("key") for c in current["compiles"]}
+        if report.changed or any(c.get("key") not in known for c in baked_manifest["compiles"]):
+            merge_manifest(runtime, baked_manifest)
+            report.manifest_merged = True
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SeedError(f"{baked}/{MANIFEST_NAME}", f"malformed cache manifest ({exc}): rebuild the image's cache "
+                        "(build.sh --cache) or remove the manifest") from None
+    except OSError as exc:
+        raise SeedError(str(exc.filename or runtime), f"cannot write the run-time manifest ({exc.strerror})") from None
 
 
 def seed_cache(baked: Path, runtime: Path, *, link: bool | None = None, lock_timeout: float = 1800) -> SeedReport:
@@ -179,20 +230,21 @@ def seed_cache(baked: Path, runtime: Path, *, link: bool | None = None, lock_tim
     try:
         runtime.mkdir(parents=True, exist_ok=True)
         lock_path = runtime / LOCK_NAME
+        _no_link(lock_path)
         lock_path.touch(exist_ok=True)
     except OSError as exc:
-        raise SeedError(f"{runtime}: cannot create the run-time cache dir ({exc.strerror})") from None
+        raise SeedError(str(runtime), f"cannot create the run-time cache dir ({exc.strerror}): point "
+                        f"{ENV_RUNTIME_DIR} (or compiler_cache_url) at a writable dir") from None
     if link is None:
         link = baked.stat().st_dev == runtime.stat().st_dev
     with _locked(lock_path, lock_timeout) as waited:
         report.lock_wait_s = round(waited, 3)
-        _walk(baked, runtime, link, report)
-        baked_manifest = read_manifest(baked)
-        if baked_manifest is not None:
-            current = read_manifest(runtime) or {"compiles": []}
-            known = {c.get("key") for c in current["compiles"]}
-            if report.changed or any(c.get("key") not in known for c in baked_manifest["compiles"]):
-                merge_manifest(runtime, baked_manifest)
-                report.manifest_merged = True
+        try:
+            _walk(baked, runtime, link, report)
+        except OSError as exc:
+            where = exc.filename or runtime
+            raise SeedError(str(where), f"cannot seed the run-time cache {runtime} ({exc.strerror}): point "
+                            f"{ENV_RUNTIME_DIR} (or compiler_cache_url) at a writable dir") from None
+        _merge_baked_manifest(baked, runtime, report)
     report.seconds = round(time.monotonic() - start, 3)
     return report

@@ -23,6 +23,7 @@ from llama3_hyperpod.data.pack import Packer
 from llama3_hyperpod.data.sources import TXT_SPLITS, HubDataset, LocalFile, Piece, Source, iter_pieces, sha256_file
 from llama3_hyperpod.data.tokenizer import TokenizerInfo, load_tokenizer
 from llama3_hyperpod.data.writer import METADATA_FILE, ShardWriter, atomic_folder, check_destination, write_json
+from llama3_hyperpod.fsutil import is_inside
 
 FORMAT = "llama3_hyperpod.data/1"
 BATCH_BYTES = 256 * 1024
@@ -129,6 +130,7 @@ def prepare(
     if workers < 1:
         raise DataError("workers", f"must be at least 1, got {workers}")
     check_destination(output, force=force)
+    _check_no_overlap(output, corpus)
     tok = load_tokenizer(tokenizer)
     progress = Progress(total_bytes=corpus.inspect())
     packer = Packer(seq_len)
@@ -175,6 +177,14 @@ def prepare(
         }
         write_json(tmp / METADATA_FILE, metadata)
     return metadata
+
+
+def _check_no_overlap(output: Path, corpus: Corpus) -> None:
+    """Refuse an output that is an input or holds one: replacing it (--force) would delete the corpus."""
+    for source in corpus.sources:
+        if isinstance(source, LocalFile) and is_inside(source.path, [output]) is not None:
+            raise DataError(str(output), f"overlaps the input {source.path}: writing the dataset there would replace "
+                            "its own inputs; choose another --output")
 
 
 def corpus_from_inputs(

@@ -2,10 +2,17 @@
 
 Everything streams: a source yields `Piece`s (a document or a bounded part of a long one) together with the input
 bytes consumed, so a corpus larger than RAM is read in bounded memory and progress can be measured in bytes.
+
+Bounded for any input shape: files are read in segments of at most CHUNK_BYTES (a 50 MB line is not one string), and
+a document longer than CHUNK_CHARS is handed to the tokenizer in pieces of at most that size (the tokenizer's memory
+grows with the length of what it encodes at once: a 50 MB single-line document took 9 GB). Pieces are cut where
+Llama 3's pre-tokenizer splits anyway (`cut_point`), so the tokens are the whole document's; a document of ordinary
+size is never cut at all.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -18,8 +25,18 @@ from llama3_hyperpod.data.errors import DataError
 
 SUFFIXES = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 TXT_SPLITS = ("file", "paragraph", "line")
-# A long txt document is cut into pieces of about this many bytes (at line ends) so no file is held whole.
+# Files are read in segments of at most this many bytes, and no piece handed to the tokenizer is longer than
+# CHUNK_CHARS characters.
 CHUNK_BYTES = 1 << 20
+CHUNK_CHARS = 1 << 20
+MAX_JSONL_LINE = 256 << 20  # a JSON record must be parsed whole: bounded, and a longer line is refused
+# Where a long text may be cut without changing its tokens (Llama 3's split pattern, tokenizer.LLAMA3_SPLIT): before a
+# space or tab followed by a non-space (" word", " '", " 1": a pre-token starts there with that space, and none of the
+# pattern's alternatives can carry the previous one across it: a whitespace run followed by a non-space gives its last
+# space to the next token, and `(?!\S)` sees the same non-space-or-end either way), or after a line break that is not
+# followed by more whitespace (the newline run ends there).
+_WORD_START = re.compile(r"[ \t](?=\S)")
+_LINE_END = re.compile(r"\n(?=\S)")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -117,70 +134,112 @@ def _decode(data: bytes, path: Path, offset: int) -> str:
         raise DataError(str(path), f"not valid UTF-8 (byte {offset + e.start})") from None
 
 
-def _lines(path: Path) -> Iterator[tuple[bytes, int]]:
-    """Binary lines with their byte offsets; OSError becomes a one-line DataError."""
+def cut_point(text: str, limit: int) -> int:
+    """Where to cut `text` (longer than `limit`) so the first part is at most `limit` characters: the last space
+    before a non-space in its second half, else the last line end there, else at `limit` (a text without either
+    there, such as a base64 blob: only then may the tokens at the cut differ)."""
+    for pattern in (_WORD_START, _LINE_END):
+        last = None
+        for last in pattern.finditer(text, limit // 2, limit):  # noqa: B007  (the last match is the one wanted)
+            pass
+        if last is not None:
+            return last.start() if pattern is _WORD_START else last.end()
+    return limit
+
+
+class _Document:
+    """Collects one document's text as it is read and yields it in pieces of at most CHUNK_CHARS characters."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.first = True
+        self.nbytes = 0
+
+    def feed(self, text: str, nbytes: int) -> Iterator[Piece]:
+        self.text += text
+        self.nbytes += nbytes
+        while len(self.text) > CHUNK_CHARS:
+            cut = cut_point(self.text, CHUNK_CHARS)
+            yield Piece(self.text[:cut], self.first, False, self.nbytes)
+            self.text, self.first, self.nbytes = self.text[cut:], False, 0
+
+    def end(self) -> Piece:
+        return Piece(self.text, self.first, True, self.nbytes)
+
+
+def _whole(text: str, nbytes: int) -> Iterator[Piece]:
+    """A document read whole (a JSON record, a Parquet cell) as bounded pieces."""
+    doc = _Document()
+    yield from doc.feed(text, nbytes)
+    yield doc.end()
+
+
+def _segments(path: Path, size: int = CHUNK_BYTES) -> Iterator[tuple[bytes, int]]:
+    """The file's lines as (bytes, offset), each at most `size` bytes: a longer line comes in several segments,
+    of which only the last ends with a newline. OSError becomes a one-line DataError."""
     offset = 0
     try:
         with path.open("rb") as f:
-            for line in f:
-                yield line, offset
-                offset += len(line)
+            while segment := f.readline(size):
+                yield segment, offset
+                offset += len(segment)
     except OSError as e:
         raise DataError(str(path), f"cannot read: {e.strerror or e}") from None
 
 
+class _Decoder:
+    """UTF-8 across segments (a character may be split between two); errors name the byte offset."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def __call__(self, data: bytes, offset: int, final: bool = False) -> str:
+        """Decode `data`, which starts at byte `offset` of the file."""
+        held = len(self._decoder.getstate()[0])  # bytes of a character begun in the previous segment
+        try:
+            return self._decoder.decode(data, final)
+        except UnicodeDecodeError as e:
+            raise DataError(str(self.path), f"not valid UTF-8 (byte {offset - held + e.start})") from None
+
+
 def _txt_pieces(path: Path, split: str) -> Iterator[Piece]:
-    if split == "line":
-        for line, offset in _lines(path):
-            yield Piece(_decode(line, path, offset).rstrip("\r\n"), True, True, len(line))
-    elif split == "paragraph":
-        buf: list[bytes] = []
-        start = 0
-        for line, offset in _lines(path):
-            if line.strip():
-                if not buf:
-                    start = offset
-                buf.append(line)
-            elif buf:
-                data = b"".join(buf)
-                yield Piece(_decode(data, path, start), True, True, len(data) + len(line))
-                buf = []
+    """A .txt file as documents: the whole file, each paragraph (ended by a blank line) or each line."""
+    decode = _Decoder(path)
+    doc = _Document()
+    line_start = True
+    for segment, offset in _segments(path):
+        text = decode(segment, offset)
+        ends_line = segment.endswith(b"\n")
+        if split == "line":
+            yield from doc.feed(text, len(segment))
+            if ends_line:
+                doc.text = doc.text.rstrip("\r\n")
+                yield doc.end()
+                doc = _Document()
+        elif split == "paragraph" and line_start and ends_line and not segment.strip():  # a blank line
+            if doc.text or not doc.first:  # it ends the paragraph; its bytes go with it
+                doc.nbytes += len(segment)
+                yield doc.end()
+                doc = _Document()
             else:
-                yield Piece("", False, False, len(line))  # bytes only: no document
-        if buf:
-            data = b"".join(buf)
-            yield Piece(_decode(data, path, start), True, True, len(data))
-    else:
-        yield from _txt_file_pieces(path)
-
-
-def _txt_file_pieces(path: Path) -> Iterator[Piece]:
-    """The whole file is one document, cut at line ends into ~CHUNK_BYTES pieces (the last held back one step)."""
-    pending: Piece | None = None
-    first = True
-    buf: list[bytes] = []
-    size = start = 0
-    for line, offset in _lines(path):
-        if not buf:
-            start = offset
-        buf.append(line)
-        size += len(line)
-        if size >= CHUNK_BYTES:
-            if pending is not None:
-                yield pending
-            pending = Piece(_decode(b"".join(buf), path, start), first, False, size)
-            first = False
-            buf, size = [], 0
-    if buf or pending is None:
-        if pending is not None:
-            yield pending
-        yield Piece(_decode(b"".join(buf), path, start), first, True, size)
-    else:
-        yield pending._replace(eos=True)
+                yield Piece("", False, False, len(segment))  # bytes only: no document
+        else:
+            yield from doc.feed(text, len(segment))
+        line_start = ends_line
+    decode(b"", path.stat().st_size, final=True)  # a character cut short at the end of the file is an error
+    if split == "file" or doc.text or not doc.first or doc.nbytes:
+        if split == "line":
+            doc.text = doc.text.rstrip("\r\n")
+        yield doc.end()
 
 
 def _jsonl_pieces(path: Path, field: str) -> Iterator[Piece]:
-    for lineno, (line, _) in enumerate(_lines(path), start=1):
+    lineno = 0
+    for line, _ in _segments(path, MAX_JSONL_LINE + 1):
+        lineno += 1
+        if len(line) > MAX_JSONL_LINE:
+            raise DataError(f"{path}:{lineno}", f"a JSON line longer than {MAX_JSONL_LINE >> 20} MiB: split the record")
         if not line.strip():
             yield Piece("", False, False, len(line))
             continue
@@ -189,7 +248,7 @@ def _jsonl_pieces(path: Path, field: str) -> Iterator[Piece]:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(where, f"not a JSON object ({e})") from None
-        yield Piece(_field(row, field, where), True, True, len(line))
+        yield from _whole(_field(row, field, where), len(line))
 
 
 def _field(row: Any, field: str, where: str) -> str:
@@ -223,7 +282,7 @@ def _parquet_pieces(path: Path, field: str) -> Iterator[Piece]:
             done_rows += len(texts)
             upto = size * done_rows // total_rows
             for i, text in enumerate(texts):
-                yield Piece(text or "", True, True, upto - done_bytes if i == len(texts) - 1 else 0)
+                yield from _whole(text or "", upto - done_bytes if i == len(texts) - 1 else 0)
             done_bytes = upto
     except (OSError, pa.ArrowException) as e:
         raise DataError(
@@ -240,7 +299,7 @@ def _hub_pieces(source: HubDataset, field: str) -> Iterator[Piece]:
         stream = datasets.load_dataset(source.name, source.config, split=source.split, streaming=True)
         for i, row in enumerate(stream):
             text = _field(row, field, f"{source.name}[{i}]")
-            yield Piece(text, True, True, len(text.encode("utf-8")))
+            yield from _whole(text, len(text.encode("utf-8")))
     except DataError:
         raise
     except Exception as e:  # network, auth, missing dataset: all surface as one line naming the dataset

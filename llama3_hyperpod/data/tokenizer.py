@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama3_hyperpod.data.errors import DataError
+from llama3_hyperpod.fsutil import tmp_name
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -111,7 +112,10 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, output: Path, show_progr
     if tok.get_vocab_size(with_added_tokens=True) <= MIN_VOCAB - 1:
         raise DataError("inputs", "corpus is too small to learn any merge")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tok.save(str(tmp))
-    tmp.replace(output)
+    tmp = tmp_name(output)  # a fresh name, then renamed: a link at `output` is replaced, never written through
+    try:
+        tok.save(str(tmp))
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
     return output

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from llama3_hyperpod.data.errors import DataError
+from llama3_hyperpod.fsutil import link_message
 
 COLUMNS = ("input_ids", "labels")
 MAX_SHARD_BYTES = 500 * 1000 * 1000  # save_to_disk's default max_shard_size
@@ -114,6 +115,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def check_destination(output: Path, *, force: bool) -> None:
+    if output.is_symlink():
+        raise DataError(str(output), link_message())
     if output.exists() and not force:
         raise DataError(str(output), "already exists (use --force to replace it)")
     if not output.parent.is_dir():

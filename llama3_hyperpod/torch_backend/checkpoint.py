@@ -1,23 +1,24 @@
-"""Sharded, atomic, resumable training checkpoints (torch.distributed.checkpoint) for the torch backend.
+"""Sharded, atomic, verified, resumable training checkpoints (torch.distributed.checkpoint) for the torch backend.
 
-Layout, under `<run_dir>/checkpoints/`:
+The layout and what counts as complete / intact: checkpoint_files.py. A save writes into a temp dir (DCP fsyncs its
+files); every rank then hashes the files it wrote (checkpoint_files.DIGEST; for an async save in the background, off
+the training loop), rank 0 gathers the digests, fsyncs, renames the dir to step_N and writes the `done` marker last.
+So a crash or a full disk at any moment leaves the previous checkpoints as they were, and any later change to a byte
+of a checkpoint is seen before it is loaded.
 
-    step_0000100/            one complete checkpoint (the step count it was taken after)
-        .metadata, __0_0.distcp, ...   DCP: model + optimizer (sharded as trained: DTensor TP / FSDP2), LR
-                                       scheduler and trainer position (step, consumed samples)
-        rng/rank_00000.pt    each rank's RNG states (python, numpy, torch CPU, CUDA when present)
-        model_config.json    the HF config of the model (what `checkpoint export` writes as config.json)
-        done                 JSON written last: step and the size of every file above
-    .tmp-step_0000200/       a save in progress (or one a crash interrupted); never read
+Resume refuses a run dir holding checkpoints of another model (identity.json, one line, nothing deleted), then takes
+the newest checkpoint that is complete and intact (each rank hashes a share of its files) and loads it into fresh
+tensors: the model, optimizer and scheduler are changed only once the whole load has succeeded, so a checkpoint that
+fails half way leaves nothing behind and the run continues from the next older one (or starts fresh). Every skipped
+checkpoint is named with the reason and left where it is. DCP reshards between any (dp, tp) split on load.
 
-A save writes into the temp dir (DCP fsyncs its files), fsyncs, renames it to step_N and then writes `done`.
-So a crash or a full disk at any moment leaves the previous checkpoints as they were. Resume takes the newest
-step_N whose `done` lists files that all exist with those sizes, and names every newer one it skips.
-Only the newest `keep` complete checkpoints stay (save_top_k; -1 keeps all).
+Retention keeps the newest `keep` intact checkpoints of this run and deletes only older complete ones of this run and
+this run's own interrupted saves; never one it could not read, a corrupt one, a link, or another run's.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -26,7 +27,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,45 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-CHECKPOINTS = "checkpoints"
-DONE = "done"
-PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
-MODEL_CONFIG = "model_config.json"
+from llama3_hyperpod.fsutil import PathError, link_message
+from llama3_hyperpod.torch_backend.checkpoint_files import (
+    CHECKPOINTS,
+    DIGEST,
+    DONE,
+    FORMAT,
+    IDENTITY,
+    MODEL_CONFIG,
+    PREFIX,
+    SETASIDE_PREFIX,
+    TMP_PREFIX,
+    IdentityError,
+    check_files,
+    check_identity,
+    complete_checkpoints,
+    file_digests,
+    identity_difference,
+    list_step_dirs,
+    newest_complete,
+    problem,
+    read_identity,
+    read_marker,
+    run_identity,
+    step_dir,
+)
+
+__all__ = [
+    "CHECKPOINTS", "DONE", "MODEL_CONFIG", "PREFIX", "TMP_PREFIX", "CheckpointError", "Checkpointer",
+    "IdentityError", "Restored", "complete_checkpoints", "list_step_dirs", "newest_complete", "problem",
+    "run_identity", "step_dir",
+]  # fmt: skip
 
 # What a save or load can raise: OS errors, and DCP's CheckpointException (a BaseException) gathering every rank's.
 SaveErrors = (Exception, CheckpointException)
+# Optimizer state keyed per parameter FQN ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): independent of how the
+# parameters are grouped, which differs between layouts (DTensor and plain parameters go in separate groups).
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 # DCP says so on every single-process save/load; a one-process run is not a mistake here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -62,61 +92,6 @@ class Restored:
     path: Path
     step: int
     consumed_samples: int
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"{PREFIX}{step:07d}"
-
-
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
-        return None
-    return int(name[len(PREFIX):])
-
-
-def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """Every step_N dir (complete or not), oldest first."""
-    if not root.is_dir():
-        return []
-    found = [(s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
-    return sorted(found)
-
-
-def problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint (None when it is): no done marker, missing or truncated files."""
-    marker = path / DONE
-    if not marker.is_file():
-        return "no done marker (the save did not finish)"
-    try:
-        listing = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable done marker ({exc})"
-    for rel, size in listing.items():
-        file = path / rel
-        if not file.is_file():
-            return f"{rel} is missing"
-        actual = file.stat().st_size
-        if actual != size:
-            return f"{rel} has {actual} bytes, the done marker says {size} (truncated or overwritten)"
-    if ".metadata" not in listing:
-        return "no DCP .metadata"
-    return None
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """The complete step_N dirs, oldest first."""
-    return [(s, p) for s, p in list_step_dirs(root) if problem(p) is None]
-
-
-def newest_complete(root: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest complete checkpoint; `warn` names every newer one that is skipped and why."""
-    for _, path in reversed(list_step_dirs(root)):
-        why = problem(path)
-        if why is None:
-            return path
-        warn(f"skipping checkpoint {path}: {why}")
-    return None
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -156,8 +131,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _app_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, consumed: int
 ) -> dict[str, Any]:
-    """What DCP saves and loads; get_state_dict gives FQN keys that do not depend on the TP/FSDP wrapping."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    """What DCP saves and loads; get_state_dict gives FQN keys that do not depend on the TP/FSDP wrapping.
+
+    Note: on an optimizer without state, get_state_dict first creates it (one zero-lr step: torch 2.13
+    distributed/checkpoint/state_dict.py:629 `_init_optim_state`); `Checkpointer.load` undoes that when the load fails.
+    """
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
     return {
         "model": model_sd,
         "optim": optim_sd,
@@ -166,10 +145,21 @@ def _app_state(
     }
 
 
+def _fresh(tree: Any) -> Any:
+    """The same structure with new, uninitialised tensors (DTensors keep their mesh and placements)."""
+    if isinstance(tree, dict):
+        return {k: _fresh(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fresh(v) for v in tree]
+    if isinstance(tree, torch.Tensor):
+        return torch.empty_like(tree)
+    return copy.deepcopy(tree)
+
+
 class Checkpointer:
     """Saves (sync or async), finalises, prunes and resumes one run's checkpoints; every rank holds one.
 
-    Collective calls (save, load, sync_pending) must be made by every rank at the same step.
+    Collective calls (save, load, resume, sync_pending) must be made by every rank at the same step.
     """
 
     def __init__(
@@ -181,10 +171,15 @@ class Checkpointer:
         keep: int,
         async_save: bool,
         hf_config: dict[str, Any] | None = None,
+        layout: dict[str, int] | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
         self.root = run_dir / CHECKPOINTS
+        if self.root.is_symlink():
+            raise PathError(str(self.root), link_message())
         self.hf_config = hf_config
+        self.identity = run_identity(hf_config or {})
+        self.layout = layout or {"world_size": world_size}
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
@@ -192,7 +187,12 @@ class Checkpointer:
         self.log = log
         self.saved_step: int | None = None
         self.last_stall_s = 0.0
-        self._pending: tuple[int, Future[Any]] | None = None
+        self.last_hash_s = 0.0  # time the last save spent hashing its files (this rank's share)
+        self.last_verify_s = 0.0  # time the last resume spent verifying hashes (this rank's share)
+        self._intact: dict[Path, int] = {}  # checkpoints known intact: path -> mtime_ns of their done marker
+        self._bad: dict[Path, str] = {}  # found corrupt or unloadable (and said so): never counted or deleted
+        self._pending: tuple[int, Future[Any]] | None = None  # an async save: (step, future of this rank's digests)
+        self._hasher: ThreadPoolExecutor | None = None
         self._pg: Any = None
         if async_save and world_size > 1:
             # The background save runs collectives; on its own gloo group they cannot interleave with training's.
@@ -209,9 +209,18 @@ class Checkpointer:
     def _all_ok(self, ok: bool) -> bool:
         if self.world_size == 1:
             return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces device tensors only
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # default group: the async save's group may be busy
         return int(flag.item()) == 0
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (default group, like _all_ok)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     # ---- save ----------------------------------------------------------------------------------------------------
 
@@ -227,10 +236,13 @@ class Checkpointer:
         try:
             if self.is_main:
                 self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.is_symlink():  # not ours: removed as a link, never written through
+                    tmp.unlink()
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / "rng").mkdir(parents=True)
                 if self.hf_config is not None:
                     _write_durably(tmp / MODEL_CONFIG, json.dumps(self.hf_config, indent=1).encode())
+                _write_durably(tmp / IDENTITY, json.dumps(self.identity, indent=1).encode())
         except OSError as exc:
             error = exc
         if not self._all_ok(error is None):
@@ -241,8 +253,11 @@ class Checkpointer:
             buf = _torch_bytes(rng_state())
             _write_durably(tmp / "rng" / f"rank_{self.rank:05d}.pt", buf)
             if self.async_save:
-                self._pending = (step, _as_future(dcp.async_save(
-                    state, checkpoint_id=tmp, process_group=self._pg, no_dist=self.world_size == 1)))
+                written = _as_future(dcp.async_save(
+                    state, checkpoint_id=tmp, process_group=self._pg, no_dist=self.world_size == 1))
+                if self._hasher is None:
+                    self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-digests")
+                self._pending = (step, self._hasher.submit(self._hash_when_written, written, tmp))
             else:
                 dcp.save(state, checkpoint_id=tmp, no_dist=self.world_size == 1)
         except SaveErrors as exc:  # OSError, or DCP's CheckpointException wrapping one
@@ -275,35 +290,69 @@ class Checkpointer:
         step, future = self._pending
         self._pending = None
         error: BaseException | None = None
+        own: dict[str, dict[str, Any]] | None = None
         try:
-            future.result()
+            own = future.result()
         except SaveErrors as exc:
             error = exc
         tmp = self.root / f"{TMP_PREFIX}{step_dir(self.root, step).name}"
         if not self._all_ok(error is None):
             self._fail(step, tmp, error)
-        self._finalize(step)
+        self._finalize(step, own)
 
-    def _finalize(self, step: int) -> None:
-        """Rank 0, after every rank's data is written: fsync, rename, done marker, prune."""
+    def _hash_when_written(self, written: Future[Any], tmp: Path) -> dict[str, dict[str, Any]]:
+        """Background thread of an async save: wait for DCP's write, then hash this rank's files."""
+        written.result()
+        return self._hash_own(tmp)
+
+    def _own_files(self, tmp: Path) -> list[Path]:
+        """The files this rank wrote: its DCP shards (`__<rank>_<n>.distcp`: FileSystemWriter's naming, torch 2.13
+        distributed/checkpoint/filesystem.py:666 and :690) and RNG state; rank 0 also the metadata and config files.
+        Rank 0 hashes whatever else it finds, so another naming costs time, never coverage."""
+        own = [tmp / "rng" / f"rank_{self.rank:05d}.pt", *sorted(tmp.glob(f"__{self.rank}_*.distcp"))]
+        if self.is_main:
+            own += [tmp / name for name in (".metadata", MODEL_CONFIG, IDENTITY)]
+        return [p for p in own if p.is_file()]
+
+    def _hash_own(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        t0 = time.perf_counter()
+        digests = file_digests(self._own_files(tmp))
+        self.last_hash_s = time.perf_counter() - t0
+        return {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": h} for p, h in digests.items()}
+
+    def _finalize(self, step: int, own: dict[str, dict[str, Any]] | None = None) -> None:
+        """After every rank's data is written and hashed (`own`: this rank's digests; None: hash them now), rank 0
+        fsyncs, renames and writes the marker."""
         final = step_dir(self.root, step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         error: BaseException | None = None
-        if self.is_main:
+        if own is None:
             try:
-                files = sorted(p for p in tmp.rglob("*") if p.is_file())
-                listing = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
-                for p in files:
+                own = self._hash_own(tmp)
+            except OSError as exc:
+                error, own = exc, {}
+        listings = self._gather(own)
+        if self.is_main and error is None:
+            try:
+                files: dict[str, dict[str, Any]] = {}
+                for listing in listings:
+                    files.update(listing)
+                on_disk = sorted(p for p in tmp.rglob("*") if p.is_file())
+                rest = [p for p in on_disk if str(p.relative_to(tmp)) not in files]
+                files |= {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": h}
+                          for p, h in file_digests(rest).items()}
+                for p in on_disk:
                     _fsync_path(p)
-                for d in {tmp, *(p.parent for p in files)}:
+                for d in {tmp, *(p.parent for p in on_disk)}:
                     _fsync_path(d, directory=True)
-                if final.exists():  # a leftover of an earlier attempt at the same step (e.g. no done marker)
-                    shutil.rmtree(final)
+                self._clear_slot(final)
                 os.rename(tmp, final)
                 _fsync_path(self.root, directory=True)
-                marker = {"step": step, "files": listing, "time": time.time(), "world_size": self.world_size}
+                marker = {"format": FORMAT, "digest": DIGEST, "step": step, "files": dict(sorted(files.items())),
+                          "time": time.time(), "world_size": self.world_size, "layout": self.layout}
                 _write_durably(final / DONE, json.dumps(marker, indent=1).encode())
                 _fsync_path(final, directory=True)
+                self._intact[final] = (final / DONE).stat().st_mtime_ns
             except OSError as exc:
                 error = exc
         if not self._all_ok(error is None):
@@ -313,6 +362,25 @@ class Checkpointer:
             size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
             self.log(f"checkpoint: saved {final} ({size / 2**20:.1f} MiB)")
             self.prune()
+
+    def _ours(self, path: Path) -> bool:
+        """Whether `path` was written by a run of this identity (its identity.json says so)."""
+        theirs = read_identity(path)
+        return theirs is not None and identity_difference(self.identity, theirs) is None
+
+    def _clear_slot(self, final: Path) -> None:
+        """Rank 0, before renaming a save to `final`: an interrupted save of ours there goes; anything else (corrupt,
+        another run's, a link) is moved aside under a name no resume or prune reads, and named."""
+        if not final.exists() and not final.is_symlink():
+            return
+        marker, why = read_marker(final)
+        if not final.is_symlink() and marker is None and why and why.startswith("no done marker") and self._ours(final):
+            shutil.rmtree(final)
+            return
+        aside = self.root / f"{SETASIDE_PREFIX}{final.name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.rename(final, aside)
+        self.log(f"checkpoint: warning: {final} was in the way of the new save; moved it to {aside} (kept: inspect "
+                 "or delete it yourself)")
 
     def _fail(self, step: int, tmp: Path, error: BaseException | None) -> None:
         """Remove the partial save (frees the space it took) and raise one clear error on every rank."""
@@ -330,33 +398,107 @@ class Checkpointer:
             "resumes from the newest complete checkpoint"
         )
 
+    def _is_intact(self, path: Path, files: dict[str, Any]) -> str | None:
+        """Hash-check `path` once per process (rank 0's retention); None when intact."""
+        try:
+            stamp = (path / DONE).stat().st_mtime_ns
+        except OSError:
+            return "the done marker cannot be read"
+        if self._intact.get(path) == stamp:
+            return None
+        why = check_files(path, files, verify=True)
+        if why is None:
+            self._intact[path] = stamp
+        return why
+
     def prune(self) -> None:
-        """Rank 0: keep the newest `keep` complete checkpoints; drop older ones, broken step dirs and stale temps."""
-        complete = complete_checkpoints(self.root)
-        keep = {p for _, p in complete[-self.keep:]} if self.keep > 0 else {p for _, p in complete}
-        for _, path in list_step_dirs(self.root):
-            if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+        """Rank 0: keep the newest `keep` intact checkpoints of this run; delete older complete ones of this run, this
+        run's interrupted saves and stale temp dirs. Anything unreadable, corrupt, a link or another run's stays."""
+        kept = 0
+        for _, path in reversed(list_step_dirs(self.root)):
+            if path.is_symlink():
+                continue
+            marker, why = read_marker(path)
+            ours = self._ours(path)
+            if marker is None:
+                if ours and why is not None and why.startswith("no done marker"):
+                    shutil.rmtree(path, ignore_errors=True)  # our own save, interrupted after its rename
+                continue
+            if not ours or path in self._bad or self.keep < 0:
+                continue
+            if check_files(path, marker["files"], verify=False) is not None:
+                continue
+            if kept < self.keep:
+                bad = self._is_intact(path, marker["files"])
+                if bad is None:
+                    kept += 1
+                else:
+                    self._bad[path] = bad
+                    self.log(f"checkpoint: warning: {path} is corrupt ({bad}); left in place, not counted as kept")
+                continue
+            shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(f"{TMP_PREFIX}*"):
+            if path.is_symlink():
+                continue
             if self._pending is None or path.name != f"{TMP_PREFIX}{step_dir(self.root, self._pending[0]).name}":
                 shutil.rmtree(path, ignore_errors=True)
 
     # ---- load ----------------------------------------------------------------------------------------------------
 
+    def verify(self, path: Path) -> str | None:
+        """Why `path` is not a complete, intact checkpoint of this run (None when it is); every rank hashes a share of
+        its files and all agree. Collective."""
+        t0 = time.perf_counter()
+        marker, why = read_marker(path)
+        if path.is_symlink():
+            why = "is a symbolic link (not written by this run)"
+        elif marker is not None:
+            theirs = read_identity(path)
+            why = ("its identity.json cannot be read" if theirs is None else identity_difference(self.identity, theirs))
+            if why is None:
+                files = marker["files"]
+                why = check_files(path, files, verify=False)
+                if why is None:
+                    share = sorted(files)[self.rank::self.world_size]
+                    why = check_files(path, {rel: files[rel] for rel in share}, verify=True)
+        found = [w for w in self._gather(why) if w is not None]
+        self.last_verify_s = time.perf_counter() - t0
+        if not found and marker is not None:
+            self._intact[path] = (path / DONE).stat().st_mtime_ns
+        return found[0] if found else None
+
     def load(
         self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> Restored:
-        """Load `path` into the (already sharded) model, optimizer and scheduler; restore this rank's RNG."""
-        state = _app_state(model, optimizer, scheduler, 0, 0)
-        dcp.load(state, checkpoint_id=path, no_dist=self.world_size == 1)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        scheduler.load_state_dict(state["scheduler"])
+        """Load `path` (already verified) into fresh tensors; only when every rank has all of it, copy it into the
+        model, optimizer and scheduler and restore this rank's RNG. On failure they are as they were."""
+        fresh_optimizer = not optimizer.state
+        live = _app_state(model, optimizer, scheduler, 0, 0)
+        target = _fresh(live)
+        error: BaseException | None = None
+        rng: dict[str, Any] | None = None
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            dcp.load(target, checkpoint_id=path, no_dist=self.world_size == 1)
+            if rng_file.is_file():
+                rng = torch.load(rng_file, weights_only=False)
+        except SaveErrors as exc:  # DCP raises the same error on every rank; a bad RNG file only on its own
+            error = exc
+        if not self._all_ok(error is None):
+            if fresh_optimizer:
+                optimizer.state.clear()  # the state get_state_dict created: a fresh start must not inherit it
+                optimizer.zero_grad(set_to_none=True)
+            if error is None:
+                raise CheckpointError("another rank could not load it")
+            raise error
+        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"],
+                       options=STATE_DICT_OPTIONS)
+        scheduler.load_state_dict(_per_group(target["scheduler"], len(optimizer.param_groups)))
+        if rng is not None:
+            set_rng_state(rng)
         elif self.is_main:
             self.log(f"checkpoint: warning: {rng_file} missing (saved with another world size); RNG not restored")
-        trainer = state["trainer"]
+        trainer = target["trainer"]
         return Restored(path, int(trainer["step"]), int(trainer["consumed_samples"]))
 
     def resume(
@@ -367,31 +509,70 @@ class Checkpointer:
         *,
         explicit: str | None = None,
     ) -> Restored | None:
-        """Load `explicit` (resume_from_checkpoint) or the newest complete checkpoint that loads; None if none."""
+        """Load `explicit` (resume_from_checkpoint) or the newest intact checkpoint that loads; None if none.
+
+        Raises IdentityError (before reading anything else) when the run dir holds another model's checkpoints.
+        """
         warn = self.log if self.is_main else (lambda _msg: None)
+        check_identity(self.root, self.identity)
         if explicit:
             path = Path(explicit)
-            why = problem(path)
+            why = self.verify(path)
             if why is not None:
-                raise CheckpointError(f"exp_manager.resume_from_checkpoint: {path} is not a complete checkpoint: {why}")
-            restored = self.load(path, model, optimizer, scheduler)
+                raise CheckpointError(f"exp_manager.resume_from_checkpoint: {path} is not a complete, intact "
+                                      f"checkpoint of this model: {why}")
+            restored = self._load_logged(path, model, optimizer, scheduler)
         else:
             restored = None
             for _, path in reversed(list_step_dirs(self.root)):
-                why = problem(path)
+                why = self.verify(path)
                 if why is None:
                     try:
-                        restored = self.load(path, model, optimizer, scheduler)
+                        restored = self._load_logged(path, model, optimizer, scheduler)
                         break
-                    except SaveErrors as exc:  # DCP raises the same error on every rank
+                    except SaveErrors as exc:  # every rank agreed in load(): all skip it
                         why = f"cannot be loaded: {_root_cause(exc)}"
-                warn(f"checkpoint: warning: skipping {path}: {why}")
+                        self._intact.pop(path, None)
+                self._bad[path] = why
+                warn(f"checkpoint: warning: skipping {path}: {why}; left in place")
         if restored is not None:
             self.saved_step = restored.step
-            if self.is_main:
-                self.log(f"checkpoint: resumed from {restored.path} (step {restored.step}, "
-                         f"{restored.consumed_samples} samples consumed)")
         return restored
+
+    def _load_logged(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any) -> Restored:
+        restored = self.load(path, model, optimizer, scheduler)
+        if self.is_main:
+            marker, _ = read_marker(path)
+            saved = marker.get("layout") if marker else None
+            resharded = (f", resharded from {_layout_text(saved)} to {_layout_text(self.layout)}"
+                         if isinstance(saved, dict) and saved != self.layout else "")
+            self.log(f"checkpoint: resumed from {restored.path} (step {restored.step}, "
+                     f"{restored.consumed_samples} samples consumed{resharded}; verified in "
+                     f"{self.last_verify_s:.2f} s)")
+        return restored
+
+
+def _per_group(scheduler_state: dict[str, Any], groups: int) -> dict[str, Any]:
+    """The LR scheduler's state for `groups` parameter groups.
+
+    How parameters are grouped depends on the layout (DTensor and plain parameters go in separate groups), so a
+    checkpoint of another layout has per-group lists (`base_lrs`, `_last_lr`) of another length. Every group shares
+    the schedule and the base lr here (groups differ only in weight decay), so one value stands for all; lists whose
+    values differ cannot be mapped and are an error.
+    """
+    out = dict(scheduler_state)
+    for key, value in scheduler_state.items():
+        if isinstance(value, list) and len(value) != groups and value:
+            if any(v != value[0] for v in value):
+                raise CheckpointError(f"the LR scheduler's {key} differs between parameter groups ({value}): it "
+                                      f"cannot be mapped onto this layout's {groups} group(s)")
+            out[key] = [value[0]] * groups
+    return out
+
+
+def _layout_text(layout: dict[str, Any]) -> str:
+    return " x ".join(f"{k} {v}" for k, v in layout.items())
 
 
 def _as_future(response: Any) -> Future[Any]:

@@ -1,6 +1,8 @@
 """`checkpoint` commands: list a run's checkpoints and export one in Hugging Face format.
 
 Registered by cli.py. torch, safetensors and the DCP reader are imported inside the commands so the CLI starts fast.
+Both check every file's sha256 against the done marker before trusting a checkpoint (`list --quick`: sizes only), so
+a damaged checkpoint is named, never exported.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ def _fail(key: str, message: str) -> None:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint dir as given, or the newest complete one of a run dir / its checkpoints dir."""
-    from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS, DONE, newest_complete, problem
+    """A checkpoint dir as given, or the newest complete, intact one of a run dir / its checkpoints dir."""
+    from llama3_hyperpod.torch_backend.checkpoint_files import CHECKPOINTS, DONE, newest_complete, problem
 
-    if (path / DONE).exists() or path.name.startswith("step_"):
+    if (path / DONE).exists() or (path / DONE).is_symlink() or path.name.startswith("step_"):
         why = problem(path)
         if why is not None:
-            _fail(str(path), f"is not a complete checkpoint: {why}")
+            _fail(str(path), f"is not a complete, intact checkpoint: {why}")
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     found = newest_complete(root, lambda msg: click.echo(f"warning: {msg}", err=True))
@@ -46,31 +48,46 @@ def load_model_state(checkpoint: Path) -> dict[str, Any]:
     state: dict[str, Any] = {}
     _load_state_dict(state, storage_reader=FileSystemReader(checkpoint),
                      planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    if not isinstance(state.get("model"), dict) or not state["model"]:
+        raise ValueError("no model weights in it")
     return dict(state["model"])
 
 
 def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     """Write model.safetensors + config.json (+ generation_config.json) that LlamaForCausalLM.from_pretrained loads."""
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    from llama3_hyperpod.torch_backend.checkpoint import MODEL_CONFIG
+    from llama3_hyperpod.fsutil import replace_from, tmp_name, write_text
+    from llama3_hyperpod.torch_backend.checkpoint_files import MODEL_CONFIG
     from llama3_hyperpod.torch_backend.model import to_hf_state_dict
 
     config_file = checkpoint / MODEL_CONFIG
     if not config_file.is_file():
         _fail(str(checkpoint), f"has no {MODEL_CONFIG} (saved by an older version?)")
-    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
-    tensors = to_hf_state_dict(load_model_state(checkpoint))
+    try:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(hf_config, dict):
+            raise ValueError("not a JSON object")
+        tensors = to_hf_state_dict(load_model_state(checkpoint))
+    except (ValueError, KeyError, RuntimeError, CheckpointException) as exc:  # verified, so this is not corruption
+        _fail(str(checkpoint), f"cannot be exported: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     if hf_config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     hf_config = {**hf_config, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
                  "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    weights = out_dir / "model.safetensors"
+    tmp = tmp_name(weights)  # written aside, then renamed: a link at the target is replaced, never written through
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        replace_from(tmp, weights)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
     generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    write_text(out_dir / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return out_dir
 
 
@@ -81,17 +98,26 @@ def checkpoint() -> None:
 
 @checkpoint.command(name="list")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def list_(run_dir: Path) -> None:
-    """Every step_N of a run with its state: complete, or why it would be skipped at resume."""
-    from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS, list_step_dirs, problem
+@click.option("--quick", is_flag=True, help="Check the done marker and file sizes only, not every file's sha256.")
+def list_(run_dir: Path, quick: bool) -> None:
+    """Every step_N of a run with its state: complete and intact, or why resume would skip it."""
+    from llama3_hyperpod.torch_backend.checkpoint_files import (
+        CHECKPOINTS,
+        SETASIDE_PREFIX,
+        list_step_dirs,
+        problem,
+    )
 
     root = run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir
     found = list_step_dirs(root)
     if not found:
         click.echo(f"{root}: no checkpoints")
+    good = "complete (sizes only: --quick)" if quick else "complete, intact"
     for step, path in found:
-        why = problem(path)
-        click.echo(f"{step:>9}  {path}  {'complete' if why is None else 'SKIPPED: ' + why}")
+        why = problem(path, verify=not quick)
+        click.echo(f"{step:>9}  {path}  {good if why is None else 'SKIPPED: ' + why}")
+    for path in sorted(root.glob(f"{SETASIDE_PREFIX}*")):
+        click.echo(f"{'-':>9}  {path}  set aside (was in the way of a save; kept for you to inspect)")
 
 
 @checkpoint.command()

@@ -79,6 +79,9 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(rc.cfg.compiler_cache_url) / "inductor"))
     run_dir = output_dir / f"smoke-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train(rc, run_dir, device=device)
+    if result.stop_signal:  # Ctrl-C, a lost terminal, a scheduler's TERM: no verdict on a run cut short
+        click.echo(f"smoke: stopped by a signal after {len(result.losses)} steps (exit {result.exit_code})", err=True)
+        return result.exit_code
 
     losses = result.losses
     head, tail = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
@@ -107,10 +110,13 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
               help="PNG to write (default: RUN_DIR/report.png).")  # fmt: skip
 def report(run_dir: Path, output: Path | None) -> None:
     """Plot loss, learning rate and tokens/s per step from RUN_DIR/metrics.jsonl into a PNG."""
-    if not (run_dir / "metrics.jsonl").is_file():
-        click.echo(f"error: {run_dir}: has no metrics.jsonl (not a torch-backend run folder?)", err=True)
+    from llama3_hyperpod.config import ConfigError
+
+    try:
+        out = render_report(run_dir, output or run_dir / "report.png")
+    except ConfigError as exc:
+        click.echo(f"error: {exc.key}: {exc.message}", err=True)
         sys.exit(2)
-    out = render_report(run_dir, output or run_dir / "report.png")
     click.echo(str(out))
 
 
@@ -120,6 +126,7 @@ def render_report(run_dir: Path, output: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llama3_hyperpod.fsutil import replace_from, tmp_name
     from llama3_hyperpod.torch_backend.metrics import read_metrics
 
     rows = read_metrics(run_dir)
@@ -135,6 +142,11 @@ def render_report(run_dir: Path, output: Path) -> Path:
     fig.suptitle(f"{run_dir.name}: {len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    tmp = tmp_name(output)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")  # then renamed: a link at `output` is replaced, not written through
+        replace_from(tmp, output)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return output

@@ -7,12 +7,17 @@ matmuls forward + backward, plus 12 * layers * hidden * seq for attention scores
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llama3_hyperpod.config import ConfigError
+from llama3_hyperpod.fsutil import PathError, link_message, open_append, write_text
+from llama3_hyperpod.torch_backend.rundir import METRICS, TENSORBOARD
 
 # Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
 _CUDA_BF16_PEAK_TFLOPS = {
@@ -98,14 +103,16 @@ class MetricsWriter:
         self._tb: Any = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if (run_dir / TENSORBOARD).is_symlink():
+                raise PathError(str(run_dir / TENSORBOARD), link_message())
             if resume_step is not None:
-                _truncate_after(run_dir / "metrics.jsonl", resume_step)
-            self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+                _truncate_after(run_dir / METRICS, resume_step)
+            self._jsonl = open_append(run_dir / METRICS)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 purge = resume_step + 1 if resume_step else None
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+                self._tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD), purge_step=purge)
 
     def log(self, m: StepMetrics, max_steps: int, *, echo: bool = True) -> None:
         self.history.append(m)
@@ -129,18 +136,50 @@ class MetricsWriter:
             self._tb = None
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a record, or None when it is not one (a line cut short by a crash, garbage)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        return None
+    return record
+
+
 def _truncate_after(path: Path, step: int) -> None:
-    """Keep the records of steps <= `step` (none when a run starts over from step 0)."""
+    """Keep the records of steps <= `step` (none when a run starts over from step 0); lines that are not records
+    (the last line of a run killed while writing it) are dropped, and said so."""
+    if path.is_symlink():
+        raise PathError(str(path), link_message())
     if not path.is_file():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    records = [(line, _record(line)) for line in lines if line.strip()]
+    broken = sum(1 for _, r in records if r is None)
+    kept = [line for line, r in records if r is not None and r["step"] <= step]
+    if broken:
+        print(f"metrics: dropped {broken} unreadable line(s) of {path} (a run killed while writing?)",
+              file=sys.stderr, flush=True)
     if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The step records of metrics.jsonl (lines that are not records are skipped); ConfigError when there is
+    no metrics file or no record in it."""
+    path = run_dir / METRICS
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise ConfigError(str(run_dir), f"has no {METRICS} (not a torch-backend run folder?)") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror})") from None
+    rows = [r for line in text.splitlines() if line.strip() and (r := _record(line)) is not None]
+    rows = [r for r in rows if all(isinstance(r.get(k), int | float) for k in ("loss", "lr", "tokens_per_s"))]
+    if not rows:
+        raise ConfigError(str(path), "holds no step records yet (the run has not logged a step)")
+    return rows

@@ -1,7 +1,13 @@
-"""Stop requests from SIGTERM / SIGUSR1 (Slurm's time-limit warning, preemption, scancel): checkpoint and requeue.
+"""Stop requests: checkpoint at the next step boundary, then exit with what the signal means.
+
+SIGTERM / SIGUSR1 (Slurm's time-limit warning, preemption, scancel) mean "requeue me": exit 85 after the checkpoint.
+SIGINT (Ctrl-C) and SIGHUP (the terminal went away) checkpoint the same way and exit 130 / 129, as a process killed
+by them would report, without asking for a requeue.
 
 The handler only records the request (idempotent: Slurm may signal a rank directly and through the launcher);
 the loop acts at the next step boundary, after every rank agrees on that step (all_reduce MAX of the flag).
+`python -m llama3_hyperpod.torch_backend.train` installs it before importing torch (`install_early`), so a signal
+that comes while the worker starts is not lost.
 """
 
 from __future__ import annotations
@@ -12,7 +18,15 @@ import threading
 from types import FrameType
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from llama3_hyperpod.exitcodes import EXIT_REQUEUE
+
+REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (*REQUEUE_SIGNALS, signal.SIGINT, signal.SIGHUP)
+
+
+def exit_code(signum: int) -> int:
+    """The trainer's exit code after it stopped (and checkpointed) on `signum`."""
+    return EXIT_REQUEUE if signum in REQUEUE_SIGNALS else 128 + signum
 
 
 class StopRequest:
@@ -23,13 +37,18 @@ class StopRequest:
         self.announce = announce
         self._previous: dict[int, Any] = {}
 
+    @property
+    def requeue(self) -> bool:
+        return self.signum in REQUEUE_SIGNALS
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.signum:
             return
         self.signum = signum
         if self.announce:
-            print(f"train: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then exit "
-                  "for a requeue", file=sys.stderr, flush=True)
+            then = "exit for a requeue" if self.requeue else f"exit {exit_code(signum)}"
+            print(f"train: got {signal.Signals(signum).name}: checkpoint at the next step boundary, then {then}",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
@@ -41,3 +60,8 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def install_early() -> StopRequest:
+    """Install the handlers now, for the whole life of this worker process (the caller passes it to train())."""
+    return StopRequest(announce=True).__enter__()

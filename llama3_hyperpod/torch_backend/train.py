@@ -9,16 +9,32 @@ torch.compile fills TORCHINDUCTOR_CACHE_DIR, then exits 0.
 Checkpoints (checkpoint.py) go to <run-dir>/checkpoints every exp_manager.checkpoint_callback_params
 .every_n_train_steps steps and at the end; a run resumes by itself from the newest complete one. SIGTERM or
 SIGUSR1 make every rank checkpoint at the next step boundary; each node then writes <run-dir>/.requeue-node<N> and all
-exit 85 (llama3_hyperpod.exitcodes), which the launcher and enroot/job.sh turn into a requeue.
+exit 85 (llama3_hyperpod.exitcodes), which the launcher and enroot/job.sh turn into a requeue. SIGINT / SIGHUP
+checkpoint the same way and exit 130 / 129. Rank 0 owns the run dir (runlock.py) for the whole run.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+
+from llama3_hyperpod.torch_backend import signals
+
+if __name__ == "__main__":
+    # Before torch's import (seconds): stop signals are recorded from here on, and under torchrun this worker dies
+    # with torchrun (procs.py) instead of training on alone.
+    EARLY_STOP: signals.StopRequest | None = signals.install_early()
+    if "LOCAL_RANK" in os.environ:
+        from llama3_hyperpod.procs import die_with_parent
+
+        die_with_parent(signal.SIGKILL)
+else:
+    EARLY_STOP = None
 
 import argparse
 import contextlib
 import gc
 import math
-import os
 import statistics
 import sys
 import time
@@ -30,8 +46,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the universal PyTorch spelling)
 from torch.distributed.tensor import DTensor
 
+from llama3_hyperpod import runlock
 from llama3_hyperpod.config import ConfigError, RunConfig, load_config
-from llama3_hyperpod.exitcodes import EXIT_REQUEUE, requeue_marker
+from llama3_hyperpod.exitcodes import requeue_marker
+from llama3_hyperpod.fsutil import write_text
 from llama3_hyperpod.torch_backend import parallel
 from llama3_hyperpod.torch_backend.checkpoint import Checkpointer, CheckpointError, stderr_log
 from llama3_hyperpod.torch_backend.data import IGNORE_INDEX, Batches, load_train_dataset
@@ -43,8 +61,9 @@ from llama3_hyperpod.torch_backend.metrics import (
     peak_flops,
 )
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
+from llama3_hyperpod.torch_backend.rundir import refuse_links_in
 from llama3_hyperpod.torch_backend.schedule import build_scheduler
-from llama3_hyperpod.torch_backend.signals import StopRequest
+from llama3_hyperpod.torch_backend.signals import StopRequest, exit_code
 
 COMPILE_MODE_STEPS = 3
 
@@ -61,8 +80,17 @@ class TrainResult:
     num_params: int = 0
     wall_s: float = 0.0
     start_step: int = 0  # > 0 when the run resumed from a checkpoint
-    requeue: bool = False  # stopped on a signal after checkpointing: exit 85
+    stop_signal: int = 0  # stopped on this signal after checkpointing (0: ran to the end)
     checkpoint_stall_s: list[float] = field(default_factory=list)  # time each save blocked the loop
+
+    @property
+    def requeue(self) -> bool:
+        """Stopped on SIGTERM / SIGUSR1 after checkpointing: exit 85 so the job is requeued."""
+        return self.stop_signal in signals.REQUEUE_SIGNALS
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.stop_signal) if self.stop_signal else 0
 
     def steady(self, key: str) -> float:
         """Median of a metric over steps after the first (which pays for warm-up / compilation)."""
@@ -124,6 +152,7 @@ def _checkpointer(rc: RunConfig, run_dir: Path, d: parallel.Dist, echo: bool) ->
         keep=int(em.checkpoint_callback_params.save_top_k),
         async_save=bool(em.async_checkpointing),
         hf_config=dict(rc.model.hf_config),
+        layout={"tp": d.tp, "dp": d.dp},
         log=stderr_log if echo else (lambda _m: None),
     )
 
@@ -137,10 +166,30 @@ def _agree(stop: int, pending: int, d: parallel.Dist, device: str) -> tuple[bool
     return bool(flags[0].item()), not flags[1].item()
 
 
-def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "cpu", echo: bool = True) -> TrainResult:
-    """Build model, data and optimizer from the config, resume, and run the loop; returns every step's metrics."""
-    with StopRequest(announce=echo) as stop:
+def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "cpu", echo: bool = True,
+          stop: StopRequest | None = None) -> TrainResult:
+    """Build model, data and optimizer from the config, resume, and run the loop; returns every step's metrics.
+
+    `stop`: handlers installed earlier by the caller (main's, before torch was imported); else installed here.
+    """
+    if stop is not None:
+        return _owned(rc, run_dir, stop, mode=mode, device=device, echo=echo)
+    with StopRequest(announce=echo) as own:
+        return _owned(rc, run_dir, own, mode=mode, device=device, echo=echo)
+
+
+def _owned(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device: str, echo: bool) -> TrainResult:
+    """Rank 0 of a training run owns the run dir for the run's life (held by its launcher, or taken here)."""
+    lock = None
+    try:
+        if mode == "train" and int(os.environ.get("RANK", "0")) == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = runlock.hold_or_inherit(run_dir, purpose="train")
+            refuse_links_in(run_dir)
         return _train(rc, run_dir, stop, mode=mode, device=device, echo=echo)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device: str, echo: bool) -> TrainResult:
@@ -279,27 +328,27 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
                 if ckpt is not None:
                     ckpt.wait()
                 elif d.is_main:
-                    stderr_log("train: warning: checkpoints are off (save_top_k 0): the requeued run starts over")
-                result.requeue = True
+                    stderr_log("train: warning: checkpoints are off (save_top_k 0): the next run starts over")
+                result.stop_signal = _stop_signal(stop.signum, d, device)
                 break
             if ckpt is not None and every_n and (step + 1) % every_n == 0 and step + 1 < max_steps:
                 save(step + 1)
-        if ckpt is not None and not result.requeue:
+        if ckpt is not None and not result.stop_signal:
             if max_steps > start_step and ckpt.saved_step != max_steps:
                 save(max_steps)
             ckpt.wait()
     finally:
         writer.close()  # also on a failed save: frees the files (a full disk can then be unmounted)
     result.wall_s = time.perf_counter() - started
-    if result.requeue:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if result.stop_signal:
+        if result.requeue and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             # After the checkpoint is complete, once per node: its launcher turns the marker into exit 85 (torchrun
             # reports 1 for any failed worker). torchrun's GROUP_RANK is the node rank.
             marker = requeue_marker(run_dir, int(os.environ.get("GROUP_RANK", "0")))
-            marker.write_text(f"{start_step + len(result.losses)}\n", encoding="utf-8")
+            write_text(marker, f"{start_step + len(result.losses)}\n")
         if d.is_main:
-            stderr_log(f"train: stopped after step {start_step + len(result.losses)} for a requeue "
-                       f"(exit {EXIT_REQUEUE})")
+            why = "for a requeue" if result.requeue else f"on {signal.Signals(result.stop_signal).name}"
+            stderr_log(f"train: stopped after step {start_step + len(result.losses)} {why} (exit {result.exit_code})")
         return result
 
     if d.is_main and echo and not result.losses:
@@ -318,6 +367,15 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
     return result
 
 
+def _stop_signal(local: int, d: parallel.Dist, device: str) -> int:
+    """The signal every rank stops on (a rank that got none takes the others'; the lowest number wins)."""
+    if d.world_size == 1:
+        return local
+    flag = torch.tensor([local or 1000], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return int(flag.item())
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llama3_hyperpod.torch_backend.train", description=__doc__)
     p.add_argument("--config", required=True, help="NxDT-format YAML")
@@ -328,33 +386,38 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> int:
     args = _parse(argv)
+    first = int(os.environ.get("RANK", "0")) == 0
     try:
         rc = load_config(args.config, args.overrides)
-        result = train(rc, args.run_dir, mode=args.mode, device=args.device)
+        result = train(rc, args.run_dir, mode=args.mode, device=args.device, stop=stop)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank is done with every collective before any tears down
-    except ConfigError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
+    except ConfigError as exc:  # bad input, a run dir in use, another model's checkpoints, a link in the way
+        if first:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except CheckpointError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if first:
             print(f"error: checkpoint: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the environment: a full or read-only disk, a vanished mount
+        if first:
+            print(f"error: {exc.filename or 'train'}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
         if torch.distributed.is_initialized():
             gc.collect()  # the model, optimizer and the collective work they hold go while the process group lives
             torch.distributed.destroy_process_group()
-    return EXIT_REQUEUE if result.requeue else 0
+    return result.exit_code
 
 
 if __name__ == "__main__":
-    exit_code = main()
+    code = main(stop=EARLY_STOP)
     # Leave without interpreter finalization: gloo's worker threads may still hold tensors then, and freeing them
     # while the interpreter is torn down aborts the process ("terminate called without an active exception"; seen
     # here once after a complete 2-rank run, which torchrun then reported as failed). All output is written by now.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(exit_code)
+    os._exit(code)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from llama3_hyperpod.cache.manifest import TEMP_MARK, iter_cache_files, read_manifest, update_manifest
-from llama3_hyperpod.cache.seed import seed_cache
+from llama3_hyperpod.cache.seed import SeedError, seed_cache
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,7 @@ N_PROCS = 8
 SEEDER = """
 import json, sys
 from pathlib import Path
-from llama3_hyperpod.cache.seed import seed_cache
+from llama3_hyperpod.cache.seed import SeedError, seed_cache
 sys.stdin.readline()  # start together
 print(json.dumps(seed_cache(Path(sys.argv[1]), Path(sys.argv[2]), link=sys.argv[3] == "link").to_dict()))
 """
@@ -145,3 +146,62 @@ def test_seed_command(baked: Path, tmp_path: Path) -> None:
                          env={**os.environ, "L3HP_BAKED_CACHE": str(baked), "L3HP_CACHE_DIR": str(runtime)})
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["entries_copied"] == N_ENTRIES
+
+
+def test_links_in_the_baked_cache_are_never_followed(tmp_path: Path) -> None:
+    """A link to /etc/passwd, a linked MODULE_* entry pointing at a dir elsewhere, a link inside an entry: none of
+    them reaches the run-time cache, as a copy or as a hard link (before: copied, or their targets hard-linked)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not part of any cache")
+    baked = tmp_path / "baked"
+    entry = baked / VDIR / "MODULE_real+5d2d81ce"
+    entry.mkdir(parents=True)
+    for name in ENTRY_FILES:
+        (entry / name).write_bytes(name.encode())
+    (entry / "model.log").symlink_to("/etc/passwd")
+    (baked / VDIR / "MODULE_linked+5d2d81ce").symlink_to(outside, target_is_directory=True)
+    (baked / "passwd").symlink_to("/etc/passwd")
+    (baked / "inductor").symlink_to(outside, target_is_directory=True)
+    runtime = tmp_path / "rt"
+    for link in (True, False):
+        report = seed_cache(baked, runtime, link=link)
+        seeded = sorted(str(p.relative_to(runtime)) for p in runtime.rglob("*") if p.is_file())
+        assert seeded == sorted([*(f"{VDIR}/MODULE_real+5d2d81ce/{n}" for n in ENTRY_FILES), ".seed.lock"])
+        assert not any(p.is_symlink() for p in runtime.rglob("*"))
+        if link:
+            assert report.links_skipped == 4 and report.entries_copied == 1
+        shutil.rmtree(runtime)
+
+
+def test_links_on_the_run_time_side_are_refused(tmp_path: Path, baked: Path) -> None:
+    """A run-time cache whose version dir is a link elsewhere: nothing is written through it, one clear error."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    (runtime / VDIR).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(SeedError) as err:
+        seed_cache(baked, runtime)
+    assert err.value.key == str(runtime / VDIR) and "symbolic link" in err.value.message
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_seed_errors_are_one_line_through_the_cli(tmp_path: Path, baked: Path) -> None:
+    """A malformed baked manifest, and a run-time dir that cannot be written (before: tracebacks)."""
+    runtime = tmp_path / "rt"
+    env = {**os.environ, "L3HP_BAKED_CACHE": str(baked), "L3HP_CACHE_DIR": str(runtime)}
+    manifest = baked / "manifest.json"
+    manifest.chmod(0o644)
+    manifest.write_text('{"compiles": [1, 2]}')
+    bad = subprocess.run([sys.executable, "-m", "llama3_hyperpod.cache.commands", "seed"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith(f"error: {manifest}: malformed cache manifest"), bad.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the run-time dir should be")
+    env["L3HP_CACHE_DIR"] = str(blocked / "cache")
+    unwritable = subprocess.run([sys.executable, "-m", "llama3_hyperpod.cache.commands", "seed"], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert unwritable.returncode == 2 and len(unwritable.stderr.strip().splitlines()) == 1, unwritable.stderr
+    assert "cannot create the run-time cache dir" in unwritable.stderr

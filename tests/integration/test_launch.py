@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import psutil
+import pytest
+
+from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_REQUEUE
-from llama3_hyperpod.launch import run
+from llama3_hyperpod.launch import check_port_free, run
 from llama3_hyperpod.plan import Launch
 from tests.conftest import REPO
 
@@ -128,3 +133,98 @@ def test_cli_train_passes_exit_code_of_the_neuron_launch(tmp_path: Path) -> None
     assert recorded[:2] == ["--nproc_per_node", "32"] and f"{examples}/training_orchestrator.py" in recorded
     assert cwd == str(tmp_path / "runs" / "llama3_8b_trn1") and compile_flag == "COMPILE=0"
     assert (tmp_path / "runs" / "llama3_8b_trn1" / "plan-train-node0.json").is_file()
+
+
+# A torchrun-like parent whose worker installs its USR1 handler only after a while (a trainer importing torch).
+LATE_HANDLER = textwrap.dedent("""
+    import subprocess, sys
+    mark, marker = sys.argv[1], sys.argv[2]
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys, time\\n"
+        "open(sys.argv[1] + '.started', 'w').close()\\n"
+        "time.sleep(1.5)\\n"
+        "def on_usr1(*_):\\n"
+        "    open(sys.argv[1], 'w').write('late handler got it')\\n"
+        "    open(sys.argv[2], 'w').close()\\n"
+        "    sys.exit(85)\\n"
+        "signal.signal(signal.SIGUSR1, on_usr1)\\n"
+        "time.sleep(60)\\n"), mark, marker])
+    sys.exit(1 if worker.wait() != 0 else 0)
+""")
+
+
+def _driver(tmp_path: Path, argv: list[str], marker: Path | None = None) -> subprocess.Popen[str]:
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from llama3_hyperpod.launch import run
+        from llama3_hyperpod.plan import Launch
+        marker = {str(marker) if marker else None!r}
+        sys.exit(run(Launch({argv!r}, {{}}, {{}}, {str(tmp_path)!r}),
+                     requeue_marker=Path(marker) if marker else None))
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def test_an_early_usr1_waits_for_the_workers_handler(tmp_path: Path) -> None:
+    """USR1 arrives while the worker is still starting (its disposition is the inherited SIG_IGN): the launcher
+    keeps it and delivers it once the worker has a handler, so it checkpoints and the launch exits 85 (before: the
+    signal was dropped and the run went on to the end)."""
+    mark, marker = tmp_path / "mark", tmp_path / ".requeue"
+    script = tmp_path / "late.py"
+    script.write_text(LATE_HANDLER)
+    parent = _driver(tmp_path, [sys.executable, str(script), str(mark), str(marker)], marker)
+    wait_for(Path(f"{mark}.started"))
+    parent.send_signal(signal.SIGUSR1)
+    assert parent.wait(timeout=30) == EXIT_REQUEUE
+    assert mark.read_text() == "late handler got it"
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_int_and_hup_end_the_launch_with_128_plus_n(tmp_path: Path, sig: signal.Signals, code: int) -> None:
+    """The worker stops cleanly (as the trainer does after its checkpoint), torchrun would say 0 or 1: the launch
+    reports the signal that stopped it, as Ctrl-C / a lost terminal would for a plain process."""
+    ready = tmp_path / "ready"
+    worker = ("import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(0)); "
+              "signal.signal(signal.SIGHUP, lambda *a: sys.exit(0)); open(sys.argv[1], 'w').close(); time.sleep(60)")
+    parent = _driver(tmp_path, [sys.executable, "-c", worker, str(ready)])
+    wait_for(ready)
+    parent.send_signal(sig)
+    assert parent.wait(timeout=30) == code
+    assert parent.stderr is not None and f"stopped by {sig.name} (exit {code})" in parent.stderr.read()
+
+
+def test_a_killed_launcher_takes_its_child_with_it(tmp_path: Path) -> None:
+    """kill -9 of the launcher: its child (torchrun) gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and ends, though
+    it runs in a session of its own (before: it trained on, unowned)."""
+    ready, got = tmp_path / "ready", tmp_path / "got-term"
+    child = ("import os, signal, sys, time\n"
+             "def on_term(*_):\n"
+             "    open(sys.argv[2], 'w').close()\n"
+             "    sys.exit(0)\n"
+             "signal.signal(signal.SIGTERM, on_term)\n"
+             "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+             "time.sleep(60)\n")
+    parent = _driver(tmp_path, [sys.executable, "-c", child, str(ready), str(got)])
+    wait_for(ready)
+    while not ready.read_text():
+        time.sleep(0.05)
+    pid = int(ready.read_text())
+    parent.kill()
+    parent.wait(timeout=10)
+    wait_for(got)
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child outlived its launcher"
+        time.sleep(0.05)
+
+
+def test_a_taken_master_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError) as err:
+            check_port_free(port)
+    assert err.value.key == "MASTER_PORT" and f"port {port} is already in use" in err.value.message
+    check_port_free(port)  # free again (TIME_WAIT leftovers do not count)

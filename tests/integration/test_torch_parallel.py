@@ -84,3 +84,25 @@ def test_parallel_losses_match_single_process(
     # Same math, different summation order (sharded matmuls, reduce-scatter): equal to 1e-5 relative.
     assert losses == pytest.approx(reference_losses, rel=1e-5, abs=1e-6)
     assert losses[-1] < losses[0] - 1.0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("before", "after"), [((2, 1), (1, 2))], ids=["tp2xdp1-to-tp1xdp2"])  # also ran: the reverse
+def test_a_checkpoint_resumes_under_another_layout(before: tuple[int, int], after: tuple[int, int], dataset: Path,
+                                                   reference_losses: list[float], tmp_path: Path) -> None:
+    """Steps 1-5 under one (tp, dp) split, a checkpoint, steps 6-10 under another: DCP reshards model and optimizer
+    state (FQN-keyed, flattened) on load, and every loss stays within the equivalence tolerance of one process."""
+    for (tp, dp), steps in ((before, 5), (after, STEPS)):
+        overrides = [*COMMON, f"data.train_dir={dataset}", "trainer.devices=2", f"trainer.max_steps={steps}",
+                     f"model.optim.sched.max_steps={STEPS}", f"distributed_strategy.tensor_model_parallel_size={tp}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "llama3_hyperpod.torch_backend.train", "--config", str(TINY),
+               "--run-dir", str(tmp_path), "--device", "cpu", *overrides]
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                              text=True, timeout=240, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"tp {tp} x dp {dp}" in proc.stdout
+    assert f"resharded from tp {before[0]} x dp {before[1]} to tp {after[0]} x dp {after[1]}" in proc.stderr
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(reference_losses, rel=1e-5, abs=1e-6)

@@ -96,6 +96,24 @@ CASES: list[tuple[str, Any, list[str], Any, str]] = [
     ("pp-on-torch-backend", None, ["trainer.devices=2", "distributed_strategy.pipeline_model_parallel_size=2"],
      None, "distributed_strategy.pipeline_model_parallel_size"),
     ("train-data-missing", None, ["data.train_dir=/nonexistent/data"], None, "data.train_dir"),
+    # Numbers that are not finite or out of range (before: accepted by plan, a 60-line traceback in the worker).
+    ("nan-lr", None, ["model.optim.lr=nan"], None, "model.optim.lr"),
+    ("inf-lr", None, ["model.optim.lr=.inf"], None, "model.optim.lr"),
+    ("negative-weight-decay", None, ["model.optim.weight_decay=-0.1"], None, "model.optim.weight_decay"),
+    ("nan-weight-decay", None, ["model.optim.weight_decay=.nan"], None, "model.optim.weight_decay"),
+    ("zero-eps", None, ["model.optim.eps=0"], None, "model.optim.eps"),
+    ("negative-eps", None, ["model.optim.eps=-1e-8"], None, "model.optim.eps"),
+    ("nan-clip", None, ["trainer.gradient_clip_val=nan"], None, "trainer.gradient_clip_val"),
+    ("inf-clip", None, ["trainer.gradient_clip_val=inf"], None, "trainer.gradient_clip_val"),
+    ("negative-seed", None, ["seed=-1"], None, "seed"),
+    ("seed-above-uint32", None, ["seed=4294967296"], None, "seed"),
+    ("nan-min-lr", None, ["model.optim.sched.min_lr=nan"], None, "model.optim.sched.min_lr"),
+    ("nan-beta", None, ["model.optim.betas=[.nan, 0.9]"], None, "model.optim.betas"),
+    ("zero-peak-tflops", None, ["torch_backend.peak_tflops=0"], None, "torch_backend.peak_tflops"),
+    ("nan-rope-theta-override", None, ["model.rope_theta=nan"], None, "model.rope_theta"),
+    ("nan-rms-eps-in-model-json", None, [], model_json(rms_norm_eps=float("nan")), "model.model_config"),
+    ("long-name", None, ["name=" + "n" * 300], None, "name"),
+    ("absolute-name", None, ["name=/abs"], None, "name"),
 ]
 
 
@@ -135,6 +153,38 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, case: tuple[str, Any, 
     assert lines[0].startswith(f"error: {expected_key}: "), lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()  # nothing was started or written
+
+
+# Bad input that is not in the config file: options and the environment (before: tracebacks or a silent escape).
+CLI_CASES: list[tuple[str, list[str], dict[str, str], str]] = [
+    ("run-name-parent", ["--run-name", "../x"], {}, "--run-name"),
+    ("run-name-absolute", ["--run-name", "/abs"], {}, "--run-name"),
+    ("run-name-nested", ["--run-name", "a/b"], {}, "--run-name"),
+    ("run-name-empty", ["--run-name", ""], {}, "--run-name"),
+    ("run-name-300-chars", ["--run-name", "r" * 300], {}, "--run-name"),
+    ("node-rank-not-a-number", [], {"NODE_RANK": "abc"}, "NODE_RANK"),
+    ("node-rank-out-of-range", [], {"NODE_RANK": "3"}, "NODE_RANK"),
+    ("master-port-not-a-number", [], {"MASTER_PORT": "http"}, "MASTER_PORT"),
+    ("slurm-nodeid-not-a-number", [], {"SLURM_JOB_NODELIST": "n1", "SLURM_NODEID": "x"}, "SLURM_NODEID"),
+    ("lock-wait-not-a-number", ["--dry-run-off"], {"L3HP_RUN_LOCK_WAIT": "soon"}, "L3HP_RUN_LOCK_WAIT"),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_bad_options_and_environment_are_one_line(tmp_path: Path, case: tuple[str, list[str], dict[str, str], str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _, args, env, key = case
+    command = "plan"
+    if "--dry-run-off" in args:  # only a real `train` takes the run dir's lock
+        args, command = [a for a in args if a != "--dry-run-off"], "train"
+    out = tmp_path / "o"
+    result = run_cli(command, str(CONFIG_TINY), "--backend", "torch-cpu", "--output-dir", str(out), *args,
+                     "trainer.max_steps=1", "data.train_dir=/nonexistent" if command == "plan" else "trainer.devices=1",
+                     env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), result.stderr
+    assert not (tmp_path / "x").exists() and not Path("/abs").exists()
 
 
 def test_unknown_key_suggests_the_nearest() -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llama3_hyperpod.data import sources
 from llama3_hyperpod.data.errors import DataError
@@ -67,6 +69,7 @@ def test_txt_splits(tmp_path: Path) -> None:
 
 def test_long_txt_is_streamed_in_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 64)
     f = tmp_path / "long.txt"
     text = "".join(f"line {i} ünïcode\n" for i in range(100))
     f.write_text(text, encoding="utf-8")
@@ -121,3 +124,63 @@ def test_broken_symlink_is_unreadable(tmp_path: Path) -> None:
     (src,) = resolve_inputs([str(link)])
     with pytest.raises(DataError, match="cannot read"):
         sources.sha256_file(src.path)  # type: ignore[union-attr]
+
+
+# ---- long documents: bounded pieces with the whole document's tokens --------------------------------------------
+
+TEXT_CHARS = st.sampled_from([
+    *"abcdefghijXYZéß日本", " ", " ", " ", "\t", "\n", "\n", "\r\n", "  ", "'s", "'", ".", ",", ":", "(", ")", "-", "_",
+    "0", "12", "345", "🦙", "\u00a0",
+])
+LONG_TEXT = st.lists(TEXT_CHARS, min_size=1, max_size=400).map("".join)
+
+
+def _pre_tokens(text: str) -> list[str]:
+    from tokenizers import Regex, pre_tokenizers
+
+    from llama3_hyperpod.data.tokenizer import LLAMA3_SPLIT
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return [t for t, _ in split.pre_tokenize_str(text)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(LONG_TEXT)
+def test_every_cut_point_keeps_the_pre_tokens(text: str) -> None:
+    """Llama 3's pre-tokenizer (the tokenizer.json split pattern + byte level) gives the same pre-tokens for the two
+    sides of any place `cut_point` may choose as for the whole text: BPE works within pre-tokens, so the token ids
+    of a long document cut there are the whole document's."""
+    whole = _pre_tokens(text)
+    for pattern, end in ((sources._WORD_START, False), (sources._LINE_END, True)):
+        for match in pattern.finditer(text):
+            cut = match.end() if end else match.start()
+            assert _pre_tokens(text[:cut]) + _pre_tokens(text[cut:]) == whole, (text[:cut], text[cut:])
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(LONG_TEXT, min_size=1, max_size=6).map("".join), st.sampled_from(["file", "line", "paragraph"]))
+def test_long_documents_come_in_bounded_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str,
+                                               split: str) -> None:
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 48)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 64)
+    f = tmp_path / "doc.txt"
+    f.write_bytes(text.encode("utf-8"))
+    pieces = list(iter_pieces(LocalFile(f, "doc.txt", "txt"), text_field="text", txt_split=split))
+    assert all(len(p.text) <= 64 for p in pieces)
+    assert sum(p.nbytes for p in pieces) == f.stat().st_size
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 1 << 20)
+    whole = list(iter_pieces(LocalFile(f, "doc.txt", "txt"), text_field="text", txt_split=split))
+    assert _docs_of(pieces) == _docs_of(whole)  # the same documents, only cut into more pieces
+
+
+def _docs_of(pieces: list[sources.Piece]) -> list[str]:
+    docs, cur = [], ""
+    for p in pieces:
+        if p.bos:
+            cur = ""
+        cur += p.text
+        if p.eos:
+            docs.append(cur)
+    return docs
