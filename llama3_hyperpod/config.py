@@ -341,7 +341,7 @@ def _typed(raw: DictConfig) -> DictConfig:
 
 
 def _omegaconf_error(exc: OmegaConfBaseException, fallback: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or fallback
+    key = re.sub(r"(\[\d+\])+$", "", getattr(exc, "full_key", None) or fallback)  # betas[0] -> betas: the key to fix
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     value = getattr(exc, "value", None)
     ref_type = getattr(exc, "ref_type", None)
