@@ -281,8 +281,8 @@ def test_another_model_in_the_run_dir_is_refused_and_nothing_deleted(run_a: Path
     out = run_a.parent
     run = copy_run(run_a, out / "H")
     before = snapshot(run)
-    for override, what in (("model.hidden_size=128", "hidden_size 256 there, 128 here"),
-                           ("model.num_layers=2", "num_hidden_layers 4 there, 2 here")):
+    for override, what in (("+model.hidden_size=128", "hidden_size 256 there, 128 here"),
+                           ("+model.num_layers=2", "num_hidden_layers 4 there, 2 here")):
         result = subprocess.run(cli_argv(out, "H", dataset, override), cwd=REPO, capture_output=True, text=True,
                                 timeout=120, env={**os.environ, "MASTER_PORT": str(_free_port())}, check=False)
         assert result.returncode == 2, result.stderr
@@ -291,7 +291,7 @@ def test_another_model_in_the_run_dir_is_refused_and_nothing_deleted(run_a: Path
         assert what in result.stderr and "nothing was deleted" in result.stderr
     direct = subprocess.run(  # the trainer refuses too when started without the launcher
         [sys.executable, "-m", "llama3_hyperpod.torch_backend.train", "--config", str(CONFIG_TINY), "--run-dir",
-         str(run), "--device", "cpu", *COMMON, f"data.train_dir={dataset}", "model.num_layers=2"],
+         str(run), "--device", "cpu", *COMMON, f"data.train_dir={dataset}", "+model.num_layers=2"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert direct.returncode == 2, direct.stderr
     assert "holds checkpoints of another model (step_0000025: num_hidden_layers 4 there, 2 here)" in direct.stderr
