@@ -63,11 +63,24 @@ def peak_flops(device: str, configured_tflops: float | None) -> tuple[float, str
 
 
 def memory_bytes(device: str) -> int:
+    """The true peak so far: the allocator's peak on CUDA, the process's maximum resident set on CPU (ru_maxrss:
+    what the kernel saw at the worst moment, the backward's included, not a sample taken between steps)."""
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
-    import psutil
+    import resource
 
-    return int(psutil.Process().memory_info().rss)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+MEMORY_TOLERANCE = 0.2
+
+
+def memory_verdict(measured: int, estimated: int, source: str) -> tuple[str, bool]:
+    """('peak 1.02 GiB (ru_maxrss) vs plan 0.95 GiB (+7%)', within MEMORY_TOLERANCE)."""
+    diff = measured / estimated - 1 if estimated else float("inf")
+    text = (f"peak mem {measured / 2**30:.2f} GiB ({source}) vs plan's estimate {estimated / 2**30:.2f} GiB "
+            f"({diff:+.0%})")
+    return text, abs(diff) <= MEMORY_TOLERANCE
 
 
 @dataclass

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from llama3_hyperpod.config import load_config
+from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS
+from llama3_hyperpod.torch_backend.checkpoint_files import step_dir
 from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from llama3_hyperpod.torch_backend.train import train
 
@@ -90,11 +92,15 @@ def test_parallel_losses_match_single_process(
 @pytest.mark.parametrize(("before", "after"), [((2, 1), (1, 2))], ids=["tp2xdp1-to-tp1xdp2"])  # also ran: the reverse
 def test_a_checkpoint_resumes_under_another_layout(before: tuple[int, int], after: tuple[int, int], dataset: Path,
                                                    reference_losses: list[float], tmp_path: Path) -> None:
-    """Steps 1-5 under one (tp, dp) split, a checkpoint, steps 6-10 under another: DCP reshards model and optimizer
-    state (FQN-keyed, flattened) on load, and every loss stays within the equivalence tolerance of one process."""
-    for (tp, dp), steps in ((before, 5), (after, STEPS)):
-        overrides = [*COMMON, f"data.train_dir={dataset}", "trainer.devices=2", f"trainer.max_steps={steps}",
-                     f"model.optim.sched.max_steps={STEPS}", f"distributed_strategy.tensor_model_parallel_size={tp}"]
+    """Steps 1-10 under one (tp, dp) split with a checkpoint at step 5, then steps 6-10 again under another split,
+    resumed from that checkpoint: DCP reshards model and optimizer state (FQN-keyed, flattened) on load, and every
+    loss stays within the equivalence tolerance of one process. Both runs have max_steps 10: the LR schedule spans
+    trainer.max_steps (as in NxDT), so a first run of 5 steps would follow another schedule."""
+    resume = step_dir(tmp_path / CHECKPOINTS, 5)
+    for (tp, dp), extra in ((before, []), (after, [f"exp_manager.resume_from_checkpoint={resume}"])):
+        overrides = [*COMMON, f"data.train_dir={dataset}", "trainer.devices=2",
+                     "exp_manager.checkpoint_callback_params.every_n_train_steps=5",
+                     f"distributed_strategy.tensor_model_parallel_size={tp}", *extra]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "llama3_hyperpod.torch_backend.train", "--config", str(TINY),
                "--run-dir", str(tmp_path), "--device", "cpu", *overrides]
