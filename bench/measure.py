@@ -5,9 +5,9 @@ This machine is 2 cores shared with other work. A figure is trusted only when it
 - every variant runs once per round, in a rotated order, so slow drifts of the load hit all of them alike;
 - each slice of a round records how much CPU this process (and its children) got and how much everything else on
   the machine used (/proc/stat), so a bench can say how busy the machine was, and when it was too busy;
-- figures are medians over rounds with their spread (max - min, relative to the median); a ratio is printed only
-  when its per-round values agree within `max_spread`, and an MFU above 100% (a GEMM peak measured while the machine
-  was busy) is never printed.
+- figures are medians over rounds with their spread (interquartile range relative to the median) and range; a
+  ratio is taken per round (both sides measured minutes apart at most) and printed only when its per-round values
+  agree within `max_spread`; an MFU above 100% (a GEMM peak measured while the machine was busy) is never printed.
 """
 
 from __future__ import annotations
@@ -82,17 +82,28 @@ class Stat:
         return statistics.median(self.values) if self.values else float("nan")
 
     @property
+    def quartiles(self) -> tuple[float, float]:
+        """(25th, 75th percentile); with fewer than 4 values, (min, max)."""
+        if len(self.values) < 4:
+            return (min(self.values), max(self.values)) if self.values else (float("nan"), float("nan"))
+        q = statistics.quantiles(self.values, n=4, method="inclusive")
+        return q[0], q[2]
+
+    @property
     def spread(self) -> float:
-        """(max - min) / median: how much the rounds disagree."""
+        """How much the rounds disagree: the interquartile range relative to the median (one round disturbed by
+        another process moves the extremes, not the quartiles)."""
         if len(self.values) < 2 or not self.median:
             return 0.0
-        return (max(self.values) - min(self.values)) / abs(self.median)
+        lo, hi = self.quartiles
+        return (hi - lo) / abs(self.median)
 
     def text(self, fmt: str = "{:.3f}", unit: str = "") -> str:
         if not self.values:
             return "n/a"
-        lo, hi = min(self.values), max(self.values)
-        return f"{fmt.format(self.median)}{unit} [{fmt.format(lo)}-{fmt.format(hi)}, spread {self.spread:.0%}]"
+        lo, hi = self.quartiles
+        return (f"{fmt.format(self.median)}{unit} [quartiles {fmt.format(lo)}-{fmt.format(hi)}, spread "
+                f"{self.spread:.0%}; range {fmt.format(min(self.values))}-{fmt.format(max(self.values))}]")
 
 
 @dataclass
@@ -120,8 +131,8 @@ class Rounds:
         return min((len(v) for v in self.values.values()), default=0)
 
     def disturbed_rounds(self) -> int:
-        rounds = self.n_rounds()
-        return sum(1 for i in range(rounds) if any(self.loads[v][i].disturbed for v in self.variants if v in self.loads))
+        measured = [v for v in self.variants if v in self.loads]
+        return sum(1 for i in range(self.n_rounds()) if any(self.loads[v][i].disturbed for v in measured))
 
     def load_summary(self) -> str:
         every = [load for loads in self.loads.values() for load in loads]
@@ -159,13 +170,14 @@ def ratio_text(stat: Stat, max_spread: float, target: float | None = None) -> tu
     if not stat.values:
         return "n/a (not measured)", False
     if stat.spread > max_spread:
+        lo, hi = stat.quartiles
         return (f"not measured: its rounds disagree by {stat.spread:.0%} (> {max_spread:.0%}) "
-                f"[{min(stat.values):.2f}-{max(stat.values):.2f}x]"), False
+                f"[median {stat.median:.2f}x, quartiles {lo:.2f}-{hi:.2f}x]"), False
     verdict = ""
     if target is not None:
-        every = min(stat.values) >= target
+        lo, _ = stat.quartiles
         verdict = (f" (target >= {target:.2f}x: {'met' if stat.median >= target else 'NOT met'}"
-                   f"{', in every round' if every else ''})")
+                   f"{', by 3 rounds in 4' if lo >= target else ''})")
     return f"{stat.text('{:.2f}', 'x')}{verdict}", True
 
 

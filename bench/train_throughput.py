@@ -174,7 +174,7 @@ class Variant:
         clip_grad_norm(self.model, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def main() -> int:
