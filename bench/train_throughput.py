@@ -11,7 +11,8 @@ this machine's fp32 GEMM peak again, then runs `--steps` steps of each variant. 
 their spread; a speed ratio is per round (the peer's seconds / ours in the same round) and is printed only when the
 rounds agree within `--max-spread`; an MFU above 100% is refused; each slice records the CPU used by other processes.
 Step times are wall clock; CPU-time figures (this process's user + system seconds per step) are shown beside them,
-being less sensitive to other processes taking the cores.
+being less sensitive to other processes taking the cores. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE
+unless set), the same for every variant, so that CPU time is work rather than spinning.
 
     bash bench/setup_torchtitan.sh      # once: torchtitan 0.3.0 into .bench/torchtitan (not the project's lock)
     python bench/train_throughput.py [--compile] [--rounds 5] [--steps 2] [--json]
@@ -22,12 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+if "OMP_WAIT_POLICY" not in os.environ:
+    # Before torch loads OpenMP: threads waiting at a barrier sleep instead of spinning. On a shared machine a
+    # spinning thread whose partner lost its core burns its own time slice at every parallel region: step times and
+    # CPU times then measure the scheduler (measured here: 9.6 vs 5.2 CPU-s per step for the same step).
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
 import torch.nn.functional as F  # noqa: N812
