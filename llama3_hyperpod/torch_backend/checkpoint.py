@@ -1,8 +1,9 @@
 """Sharded, atomic, verified, resumable training checkpoints (torch.distributed.checkpoint) for the torch backend.
 
-The layout and what counts as complete / intact: checkpoint_files.py. A save writes into a temp dir (DCP fsyncs its
-files); every rank then hashes the files it wrote (checkpoint_files.DIGEST; for an async save in the background, off
-the training loop), rank 0 gathers the digests, fsyncs, renames the dir to step_N and writes the `done` marker last.
+The layout and what counts as complete / intact: checkpoint_files.py. A save writes into a temp dir (DCP, one file per
+writer thread); every rank then hashes the files it wrote while fsyncing them (checkpoint_files.DIGEST; for an async
+save in the background, off the training loop), rank 0 gathers the digests, fsyncs the directories, renames the dir
+to step_N and writes the `done` marker last.
 So a crash or a full disk at any moment leaves the previous checkpoints as they were, and any later change to a byte
 of a checkpoint is seen before it is loaded.
 
@@ -97,10 +98,10 @@ class Restored:
 
 def _writer(tmp: Path) -> dcp.FileSystemWriter:
     """DCP's file writer with one writer thread per core of this rank (hash_threads: its share of the node): the
-    state is split by size into that many files (`__<rank>_<n>.distcp`, written in parallel, each fsynced once)
-    instead of one file written by one thread (DCP's default, about half the disk's bandwidth here;
-    bench/checkpoint.py)."""
-    return dcp.FileSystemWriter(tmp, thread_count=hash_threads(), sync_files=True)
+    state is split by size into that many files (`__<rank>_<n>.distcp`, written in parallel) instead of one file
+    written by one thread (DCP's default, about half the disk's bandwidth here; bench/checkpoint.py). DCP does not
+    fsync them: _hash_own does, once each, overlapped with hashing them."""
+    return dcp.FileSystemWriter(tmp, thread_count=hash_threads(), sync_files=False)  # fsynced in _hash_own
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -324,8 +325,14 @@ class Checkpointer:
         return [p for p in own if p.is_file()]
 
     def _hash_own(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        """Digests of this rank's files, while another thread fsyncs them: the hashing (CPU, from the page cache)
+        overlaps the flush to disk (waiting on the device), each file fsynced once, by the rank that wrote it."""
         t0 = time.perf_counter()
-        digests = file_digests(self._own_files(tmp))
+        own = self._own_files(tmp)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-fsync") as flusher:
+            flushed = flusher.submit(lambda: [_fsync_path(p) for p in own])
+            digests = file_digests(own)
+            flushed.result()
         self.last_hash_s = time.perf_counter() - t0
         return {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": h} for p, h in digests.items()}
 
@@ -350,7 +357,7 @@ class Checkpointer:
                 rest = [p for p in on_disk if str(p.relative_to(tmp)) not in files]
                 files |= {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": h}
                           for p, h in file_digests(rest).items()}
-                for p in on_disk:
+                for p in rest:  # the listed files were fsynced by the ranks that wrote them (_hash_own)
                     _fsync_path(p)
                 for d in {tmp, *(p.parent for p in on_disk)}:
                     _fsync_path(d, directory=True)
