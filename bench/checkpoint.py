@@ -171,7 +171,7 @@ def run(base: Path, rounds: int = ROUNDS) -> dict[str, Any]:
     print(f"checkpoint of {num_params(model) / 1e6:.1f}M params + AdamW state: {nbytes / mb:.0f} MB on {base}; "
           f"{rounds} interleaved rounds of raw write, sync save, async save (medians [quartiles, range])")
     print(f"load: {result.load_summary()}")
-    print(f"raw sequential write + fsync: {Stat([nbytes / x / mb for x in raw]).text('{:.0f}', ' MB/s')} | "
+    print(f"raw sequential write + fsync: {Stat([x / mb for x in raw]).text('{:.0f}', ' MB/s')} | "
           f"training step {baseline:.3f} s")
     sync_stat = result.stat("sync")
     text, _ = ratio_text(sync_fraction, MAX_SPREAD)
@@ -190,7 +190,7 @@ def run(base: Path, rounds: int = ROUNDS) -> dict[str, Any]:
         print(f"WARNING: the machine was too busy to measure well ({result.disturbed_rounds()} of {rounds} rounds)")
     return {
         "params": num_params(model), "checkpoint_bytes": nbytes, "step_s": baseline, "rounds": rounds,
-        "raw_write_s": raw, "sync_s": result.values["sync"], "sync_fraction_of_raw": sync_fraction.values,
+        "raw_write_Bps": raw, "sync_s": result.values["sync"], "sync_fraction_of_raw": sync_fraction.values,
         "hash_s": hash_s, "verify_s": verify_s, "load_s": load_s, "async_stall_s": result.values["async"],
         "async_blocked_s": blocked_s, "async_slowdown_s": slowdown_s, "async_durable_s": durable_s,
         "async_overlapped_steps": overlapped_n, "async_stall_fraction_of_sync": async_stall.values,

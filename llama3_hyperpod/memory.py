@@ -57,6 +57,7 @@ class MemoryEstimate:
     # the sum of the parts there (gradients and activations are not all alive at once).
     baseline: int = 0
     transient: int = 0
+    allocator: int = 0
     peak_phase: str = ""
 
 
@@ -163,6 +164,12 @@ def flops_per_token(rc: RunConfig) -> int:
 # Linux (0.36 GiB) plus the trainer's own start (dataset opened, GEMM peak measured, process group: 0.1 GiB). On
 # CUDA the allocator's peak does not see it (nor the CUDA context), so there it is 0 and the check compares tensors.
 TORCH_CPU_BASELINE = int(0.46 * GIB)
+# glibc's heap keeps what a step freed (its saved activations, the backward's temporaries) for the next, and the
+# next step's tensors do not fit back into its holes exactly: the resident peak is above the live peak by about a
+# quarter of what a step allocates and frees (measured with the ~58M bench shape: live peak 1.70 + 0.04 GiB,
+# ru_maxrss 2.04 GiB with 1 thread, 2.17 GiB with 2; RSS after the optimizer step stayed 0.8 GiB above what was
+# alive). The CUDA caching allocator's peak counts live tensors only.
+CPU_HEAP_OVERHEAD = 0.25
 _CE_CHUNK_BYTES = 2**23 * 4  # model.py _CE_CHUNK_ELEMENTS fp32 logits, the fused cross-entropy's chunk buffer
 
 
@@ -208,7 +215,7 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
       under TP the vocab-sharded logits go through loss parallel instead: logits, log-softmax and their gradient,
       (tokens, vocab / TP) fp32 each; plus the working set of the first block's backward;
     - the optimizer step: parameters + optimizer + all gradients;
-    - plus the process itself (TORCH_CPU_BASELINE on CPU).
+    - plus the process itself (TORCH_CPU_BASELINE on CPU) and the allocator's slack (CPU_HEAP_OVERHEAD).
     """
     m, lay = rc.model, rc.layout
     n = params_per_device(rc)
@@ -243,8 +250,9 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
     at_backward = weights + optimizer + saved + loss + output_grad + accumulated + transient
     at_step = weights + optimizer + grads_step
     baseline = TORCH_CPU_BASELINE if device == "cpu" else 0
+    allocator = int(CPU_HEAP_OVERHEAD * (saved + loss + transient)) if device == "cpu" else 0
     peak, phase = (at_backward, "start of backward") if at_backward >= at_step else (at_step, "optimizer step")
-    total = baseline + peak
+    total = baseline + allocator + peak
     return MemoryEstimate(
         params_per_device=n,
         weights=weights,
@@ -261,5 +269,6 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
         recompute=str(granularity),
         baseline=baseline,
         transient=transient,
+        allocator=allocator,
         peak_phase=phase,
     )

@@ -197,6 +197,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like HF so bf16 runs stay stable.
+        if torch.compiler.is_compiling():
+            # Under torch.compile the plain formula: Inductor fuses it and its autograd into a kernel or two, which
+            # beats the hand-written node (measured: compiled blocks 10% slower with the custom nodes).
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * xf.to(x.dtype)
         if not isinstance(x, DTensor):
             return _RMSNormFn.apply(x, _local(self.weight), self.eps)
         # Sequence parallel: each rank normalises its own tokens; the replicated weight's gradient is a partial
@@ -246,7 +252,15 @@ class Attention(nn.Module):
         # the column-parallel matmul's input all-gather / gradient all-reduce once for the three).
         x_local = _tp_input(x, wq)
         cos_h, sin_h = cos[:, None, :].to(x_local.dtype), sin[:, None, :].to(x_local.dtype)
-        qk, v = _QKVRope.apply(x_local, _local(wq), _local(wk), _local(wv), cos_h, sin_h, d)
+        if torch.compiler.is_compiling():  # the same math as plain ops, for Inductor to fuse (see RMSNorm)
+            n_qk = _local(wq).shape[0] + _local(wk).shape[0]
+            qkv = F.linear(x_local, torch.cat([_local(wq), _local(wk), _local(wv)]))
+            qk_in, v = qkv.split([n_qk, qkv.shape[-1] - n_qk], dim=-1)
+            x1, x2 = qk_in.view(bsz, seq, -1, d).chunk(2, dim=-1)
+            qk = torch.cat((x1 * cos_h - x2 * sin_h, x2 * cos_h + x1 * sin_h), dim=-1)
+            v = v.view(bsz, seq, -1, d)
+        else:
+            qk, v = _QKVRope.apply(x_local, _local(wq), _local(wk), _local(wv), cos_h, sin_h, d)
         # Head counts come from the (possibly tensor-parallel, i.e. local) projection widths.
         q, k = qk.split([_local(wq).shape[0] // d, _local(wk).shape[0] // d], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
