@@ -25,6 +25,9 @@ COMMON = [
     "data.micro_batch_size=2",
     "data.global_batch_size=8",
     "model.optim.sched.warmup_steps=2",
+    # min_lr = lr: after the warmup the LR no longer depends on max_steps, which (as in NxDT) the schedule spans, so a
+    # run stopped at max_steps=5 and continued to 10 follows one straight run's schedule.
+    "model.optim.sched.min_lr=3.0e-3",
     "torch_backend.compile=false",
     # Stored data order. With the default shuffled order the same runs differ by up to 1.3e-5 relative at steps 6-7:
     # the same summation-order rounding, amplified by Adam on a faster-falling loss (4.2 after 7 steps here).
@@ -94,7 +97,7 @@ def test_a_checkpoint_resumes_under_another_layout(before: tuple[int, int], afte
     state (FQN-keyed, flattened) on load, and every loss stays within the equivalence tolerance of one process."""
     for (tp, dp), steps in ((before, 5), (after, STEPS)):
         overrides = [*COMMON, f"data.train_dir={dataset}", "trainer.devices=2", f"trainer.max_steps={steps}",
-                     f"model.optim.sched.max_steps={STEPS}", f"distributed_strategy.tensor_model_parallel_size={tp}"]
+                     f"distributed_strategy.tensor_model_parallel_size={tp}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "llama3_hyperpod.torch_backend.train", "--config", str(TINY),
                "--run-dir", str(tmp_path), "--device", "cpu", *overrides]
