@@ -154,6 +154,7 @@ def import_hf(hf_dir: Path, rc: RunConfig, target: ImportTarget, *, examples: st
     hf_folder.check_architecture(folder, rc.model.hf_config, "model.model_config")
     run_dir = target.run_dir
     final = run_dir / convert.IMPORT_DIR
+    _check_run_starts_from_it(rc, target)
     _check_run_is_empty(rc, target)
     tmp = run_dir / IMPORT_TMP
     params = sum(t.numel for t in folder.tensors.values())
@@ -207,6 +208,18 @@ def _remove(path: Path) -> None:
         path.unlink()
     else:
         shutil.rmtree(path)
+
+
+def _check_run_starts_from_it(rc: RunConfig, target: ImportTarget) -> None:
+    """Refuse an import the run would not start from (the trainer resumes only with resume_if_exists, and an explicit
+    resume_from_checkpoint wins over the import on both backends)."""
+    em = rc.cfg.exp_manager
+    if em.resume_from_checkpoint:
+        raise ConfigError("exp_manager.resume_from_checkpoint", f"is set ({em.resume_from_checkpoint}): the run would "
+                          "start from it, not from the imported weights; drop it")
+    if target.backend == "torch" and not em.resume_if_exists:
+        raise ConfigError("exp_manager.resume_if_exists", "is false: `train` would not start from the imported "
+                          "step-0 checkpoint; set it true")
 
 
 def _check_run_is_empty(rc: RunConfig, target: ImportTarget) -> None:
@@ -357,17 +370,8 @@ def export_nxdt(tag_path: Path, out_dir: Path | None, rc: RunConfig, *, examples
         config_json.write_text(json.dumps(rc.model.hf_config, indent=2) + "\n")
 
     def finish() -> None:
-        written = sorted(p for p in hf_tmp.iterdir() if p.is_file())
-        config = {**rc.model.hf_config, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-        (hf_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copies = hf_folder.copy_companions(tokenizer, hf_tmp)
-        sources = sorted(p for p in (tag.path / "model").rglob("*") if p.is_file())
-        (hf_tmp / hf_folder.MANIFEST).write_text(_manifest(
-            backend="neuron", direction="nxdt-to-hf", source=str(tag.path),
-            files=hf_folder.file_records(sources, tag.path), layout={**lay.to_dict(), "xser": tag.xser},
-            config=_config_record(rc), converter=[str(a) for a in converter], tokenizer=[p.name for p in copies],
-            result={"folder": str(out), "files": hf_folder.file_records(
-                [*written, hf_tmp / "config.json", *copies], hf_tmp)}))
+        complete_export(hf_tmp, rc, source=tag.path, layout={**lay.to_dict(), "xser": tag.xser},
+                        converter=converter, tokenizer=tokenizer, final=out)
         out.parent.mkdir(parents=True, exist_ok=True)
         os.rename(hf_tmp, out)
 
@@ -406,6 +410,23 @@ def export_nxdt(tag_path: Path, out_dir: Path | None, rc: RunConfig, *, examples
             _remove(work)
     echo(f"exported {tag.path} -> {out}")
     return 0
+
+
+def complete_export(hf_dir: Path, rc: RunConfig, *, source: Path, layout: dict[str, Any], converter: list[str],
+                    tokenizer: list[Path], final: Path) -> None:
+    """Beside the safetensors of `hf_dir` (what the to-hf step wrote): config.json, the tokenizer files and the
+    manifest (the source shards' and every written file's sha256)."""
+    written = sorted(p for p in hf_dir.iterdir() if p.is_file())
+    config = {**rc.model.hf_config, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (hf_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copies = hf_folder.copy_companions(tokenizer, hf_dir)
+    sources = sorted(p for p in (source / "model").rglob("*") if p.is_file())
+    (hf_dir / hf_folder.MANIFEST).write_text(_manifest(
+        backend="neuron", direction="nxdt-to-hf", source=str(source), files=hf_folder.file_records(sources, source),
+        layout=layout, config=_config_record(rc), converter=[str(a) for a in converter],
+        tokenizer=[p.name for p in copies],
+        result={"folder": str(final), "files": hf_folder.file_records([*written, hf_dir / "config.json", *copies],
+                                                                      hf_dir)}))
 
 
 def _run_tokenizer_files(rc: RunConfig, tag: Path) -> list[Path]:

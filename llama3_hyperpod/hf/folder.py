@@ -72,7 +72,7 @@ def read_folder(root: Path) -> HfFolder:
         if not isinstance(weight_map, dict) or not weight_map or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise ConfigError(key, f"{INDEX} has no weight_map of tensor names to file names")
-        names = list(dict.fromkeys(weight_map.values()))
+        names = sorted(set(weight_map.values()))
         for name in names:
             if "/" in name or name.startswith("."):
                 raise ConfigError(key, f"{INDEX} names a file outside the folder: {name!r}")

@@ -50,7 +50,7 @@ def group_of(hf_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Groups:
     """Which HF tensors make which of ours: groups (in the trainer's order) of (HF names, our names)."""
 
     groups: list[tuple[list[str], list[str]]]
@@ -61,7 +61,7 @@ class Plan:
         return {ours: i for i, (_, names) in enumerate(self.groups) for ours in names}
 
 
-def check_tensors(tensors: Mapping[str, TensorEntry], hf_config: Mapping[str, Any], where: str) -> Plan:
+def check_tensors(tensors: Mapping[str, TensorEntry], hf_config: Mapping[str, Any], where: str) -> Groups:
     """ConfigError (key `where`) unless the folder holds exactly this model's tensors, with their shapes, in a float
     dtype; returns how they group."""
     expected = expected_hf(hf_config)
@@ -98,7 +98,7 @@ def check_tensors(tensors: Mapping[str, TensorEntry], hf_config: Mapping[str, An
         if produced[our_name] not in order:
             order.append(produced[our_name])
     groups = [(by_group[k], [n for n in ours if produced[n] == k]) for k in order]
-    return Plan(groups, tied)
+    return Groups(groups, tied)
 
 
 def read_tensor(entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -111,7 +111,7 @@ def read_tensor(entry: TensorEntry, dtype: torch.dtype | None = None) -> torch.T
     return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
-def read_group(tensors: Mapping[str, TensorEntry], plan: Plan, index: int,
+def read_group(tensors: Mapping[str, TensorEntry], plan: Groups, index: int,
                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Our tensors of group `index`, made by model.py's mapping from the group's HF tensors."""
     hf_names, our_names = plan.groups[index]

@@ -1,4 +1,6 @@
-"""`checkpoint` commands: list a run's checkpoints and export one in Hugging Face format.
+"""`checkpoint` commands: list a run's checkpoints and export one in Hugging Face format (`import`, which needs the
+plan options, is defined in cli.py and added to this group there; the export of an NxDT checkpoint is
+checkpoint_transfer.py's).
 
 Registered by cli.py. torch, safetensors and the DCP reader are imported inside the commands so the CLI starts fast.
 Both check every file's sha256 against the done marker before trusting a checkpoint (`list --quick`: sizes only), so

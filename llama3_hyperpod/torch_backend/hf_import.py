@@ -48,7 +48,7 @@ IMPORT_LAYOUT = {"tp": 1, "dp": 1}  # full tensors, as one process of the traine
 class _Streaming(DefaultSavePlanner):
     """Resolves each model tensor from the HF folder when DCP writes it; the current group stays cached."""
 
-    def __init__(self, folder: HfFolder, plan: hf_tensors.Plan) -> None:
+    def __init__(self, folder: HfFolder, plan: hf_tensors.Groups) -> None:
         super().__init__()
         self._folder = folder
         self._plan = plan
@@ -86,7 +86,7 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def write_step0(folder: HfFolder, plan: hf_tensors.Plan, hf_config: dict[str, Any], checkpoints: Path,
+def write_step0(folder: HfFolder, plan: hf_tensors.Groups, hf_config: dict[str, Any], checkpoints: Path,
                 tmp_name: str) -> Path:
     """Write the weights-only step-0 checkpoint into `checkpoints/<tmp_name>`, then rename it to step_0000000.
 

@@ -171,6 +171,15 @@ def test_bad_folders_exit_2_in_one_line_and_write_nothing(case: str, hf_dir: Pat
     assert not out.exists()
 
 
+def test_an_import_the_run_would_not_start_from_is_refused(hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    for extra, key in ((["exp_manager.resume_if_exists=false"], "exp_manager.resume_if_exists: is false"),
+                       ([f"exp_manager.resume_from_checkpoint={tmp_path}"], "exp_manager.resume_from_checkpoint")):
+        done = run_cli(*import_argv(hf_dir, out, "r", *extra))
+        assert done.returncode == 2 and done.stderr.strip().startswith(f"error: {key}"), done.stderr
+        assert not out.exists()
+
+
 def test_consolidate_step_writes_the_state_dict_the_converter_loads(tmp_path: Path) -> None:
     """The neuron plan's step 2 with real files: one torch.load()able dict of HF names and dtypes, bit for bit."""
     hf = save_llama(tmp_path / "hf", dtype=torch.bfloat16)
@@ -204,7 +213,23 @@ def test_to_hf_step_turns_a_full_state_dict_into_hf_safetensors(tmp_path: Path) 
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) >= 2
-    shutil.copyfile(hf / "config.json", out / "config.json")
+    # step 4: config.json, tokenizer files, manifest beside them (the source: shards of an NxDT checkpoint's model/)
+    from llama3_hyperpod.checkpoint_transfer import complete_export
+    from llama3_hyperpod.config import load_config
+
+    source = tmp_path / "x.ckpt"
+    (source / "model").mkdir(parents=True)
+    shard = source / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
+    shard.write_bytes(b"shard")
+    rc = load_config(CONFIG_TINY, [f"model.model_config={hf}", "model.encoder_seq_length=64"])
+    complete_export(out, rc, source=source, layout={"tp": 1}, converter=["python", "convert"],
+                    tokenizer=[hf / n for n in TOKENIZER_FILES], final=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == {"model/dp_rank_00_tp_rank_00_pp_rank_00.pt": {
+        "bytes": 5, "sha256": hashlib.sha256(b"shard").hexdigest()}}
+    for name, record in manifest["result"]["files"].items():
+        assert record["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert {"config.json", *TOKENIZER_FILES} <= set(manifest["result"]["files"])
     loaded = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
     for name, tensor in original.items():
         assert torch.equal(loaded[name], tensor), name
