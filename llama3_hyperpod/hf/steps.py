@@ -12,14 +12,15 @@ Imports only torch, model.py and the standard-library modules of this package.
 Both check every tensor name and shape against the config first (hf/tensors.py) and exit 2 with one line naming
 the problem; both write to a temp name and rename, so a failure leaves nothing.
 
-consolidate, in bounded memory: `torch.save` under `torch.serialization.skip_data` (a public context manager: "the
-storage bytes can then be populated in a separate pass") of FakeTensors writes the archive with every storage's
-space reserved; each storage record is then found in the ZIP's directory (stdlib zipfile; the data starts after the
-local header, APPNOTE 4.3.7) and filled with pwrite from the safetensors file. Storage records are numbered in the
-order the pickler meets them (torch/serialization.py `_save`: `id_map.setdefault(..., str(len(id_map)))`), one per
-tensor here; the result is read back with torch.load(mmap=True) and each tensor's first and last bytes compared
-with the source, so a different numbering would be an error, not wrong weights. Records carry CRC-32 0, as with
-torch's own `torch.utils.serialization.config.save.compute_crc32 = False`; torch.load does not check it.
+consolidate, in bounded memory: `torch.save` under `torch.serialization.skip_data(materialize_fake_tensors=True)`
+(a public context manager since pytorch/pytorch#134504, 2024, before the SDK's torch 2.9: "the storage bytes can
+then be populated in a separate pass") of FakeTensors writes the archive with every storage's space reserved; each
+storage record is then found in the ZIP's directory (stdlib zipfile; the data starts after the local header,
+APPNOTE 4.3.7) and filled with pwrite from the safetensors file. Storage records are numbered in the order the
+pickler meets them (torch/serialization.py `_save`: `id_map.setdefault(..., str(len(id_map)))`), one per tensor
+here; the result is read back with torch.load(mmap=True) and each tensor's first and last bytes compared with the
+source, so a different numbering would be an error, not wrong weights. Records carry CRC-32 0, as with torch's own
+`torch.utils.serialization.config.save.compute_crc32 = False`; torch.load does not check it.
 """
 
 from __future__ import annotations

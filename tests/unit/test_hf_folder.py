@@ -92,3 +92,16 @@ def test_architecture_reads_both_rope_spellings_and_names_the_difference(tmp_pat
         with pytest.raises(ConfigError, match=message):
             check_architecture(read_folder(folder), {**CONFIG, **change}, "model.model_config")
     check_architecture(read_folder(folder), CONFIG, "model.model_config")
+
+
+def test_the_sdk_run_steps_import_only_torch_and_the_standard_library() -> None:
+    """hf/steps.py runs with the SDK's interpreter (PYTHONPATH at the project), which has torch but none of the
+    project venv's packages: its imports must stay torch, model.py and stdlib-only modules."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, llama3_hyperpod.hf.steps; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'omegaconf', 'hydra', 'click', 'yaml', "
+             "'datasets', 'transformers', 'safetensors', 'rich', 'psutil', 'tokenizers'}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
