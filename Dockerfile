@@ -174,3 +174,6 @@ COPY enroot/ /opt/app/enroot/
 COPY llama3_hyperpod/ /opt/app/llama3_hyperpod/
 COPY entrypoint.py /opt/app/entrypoint.py
 RUN python -m compileall -q --invalidation-mode unchecked-hash /opt/app/entrypoint.py /opt/app/llama3_hyperpod
+# enroot starts the container through a login shell (ENROOT_LOGIN_SHELL defaults to yes): keep this PATH in it.
+# hadolint ignore=DL3059
+RUN printf 'export PATH="%s"\n' "$PATH" > /etc/profile.d/llama3-hyperpod-path.sh

@@ -17,6 +17,7 @@ from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
 from llama3_hyperpod.plan import Plan, build_plan
+from llama3_hyperpod.writable import require_writable_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -130,6 +131,7 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
     if dry_run:
         click.echo(launch.shell())
         return
+    require_writable_dir(Path(output_dir), "--output-dir")
     if result.backend == "torch":  # NxDT reads its data itself; for our trainer we check (and make) it first
         prepare_torch_data(result)
     run_dir = Path(result.run_dir)

@@ -32,14 +32,21 @@ SMOKE_MIN_DROP = 1.0  # nats: the tiny model on real text falls by several withi
     help="Run folder and default dataset go here.",
 )
 @click.argument("overrides", nargs=-1)  # fmt: skip
-def smoke(config: Path, steps: int, device: str, output_dir: Path, overrides: tuple[str, ...]) -> None:
+@click.pass_context
+def smoke(ctx: click.Context, config: Path, steps: int, device: str, output_dir: Path,
+          overrides: tuple[str, ...]) -> None:
     """Train the tiny model for a few dozen steps in this process and say PASS or FAIL, with the evidence."""
     import torch
 
     from llama3_hyperpod.config import ConfigError
+    from llama3_hyperpod.writable import writable_or_temporary
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
+        explicit = ctx.get_parameter_source("output_dir") is not click.core.ParameterSource.DEFAULT
+        output_dir, note = writable_or_temporary(output_dir, "--output-dir", explicit=explicit, purpose="runs")
+        if note:
+            click.echo(f"smoke: {note}", err=True)
         code = _run_smoke(config, steps, dev, output_dir, overrides)
     except ConfigError as exc:
         click.echo(f"error: {exc.key}: {exc.message}", err=True)
@@ -94,7 +101,13 @@ def report(run_dir: Path, output: Path | None) -> None:
     if not (run_dir / "metrics.jsonl").is_file():
         click.echo(f"error: {run_dir}: has no metrics.jsonl (not a torch-backend run folder?)", err=True)
         sys.exit(2)
-    out = render_report(run_dir, output or run_dir / "report.png")
+    target = output or run_dir / "report.png"
+    try:
+        out = render_report(run_dir, target)
+    except OSError as exc:
+        click.echo(f"error: --output: cannot write {target} ({exc.strerror or exc}): set --output to a writable "
+                   "file", err=True)
+        sys.exit(2)
     click.echo(str(out))
 
 
