@@ -83,16 +83,15 @@ L3HP_PYXIS_DENIED_ENROOT=(ENROOT_LIBRARY_PATH ENROOT_SYSCONF_PATH ENROOT_RUNTIME
 # pyxis names it pyxis_NAME (container_scope=global, its default) or pyxis_JOBID_NAME (container_scope=job)
 # (pyxis_slurmstepd.c:1305-1309); `enroot remove` fails on a missing name, so the list is checked first.
 l3hp_remove_command() {
-  local name=$1 job_id=$2 unset_args=() var
+  local name=$1 job_id=$2 unset_args=() var script
   for var in "${L3HP_PYXIS_DENIED_ENROOT[@]}"; do unset_args+=(-u "$var"); done
+  # Run by bash on each node, with the name as $1 and the job id as $2.
+  # shellcheck disable=SC2016
+  script='for c in $(enroot list); do if [[ $c == "pyxis_$1" || $c == "pyxis_$2_$1" ]]; then'
+  # shellcheck disable=SC2016
+  script+=' enroot remove -f "$c" > /dev/null && echo "removed container $c on $(hostname)"; fi; done'
   case $CONTAINER in
-    pyxis)
-      # shellcheck disable=SC2016  # expanded by the bash that srun starts on each node
-      printf '%q ' env "${unset_args[@]}" bash -c 'for c in $(enroot list); do
-        if [[ $c == "pyxis_$1" || $c == "pyxis_$2_$1" ]]; then
-          enroot remove -f "$c" > /dev/null && echo "removed container $c on $(hostname)"; fi; done' _ \
-        "$name" "$job_id"
-      ;;
+    pyxis) printf '%q ' env "${unset_args[@]}" bash -c "$script" _ "$name" "$job_id" ;;
     podman) printf '%q ' "$L3HP_HOST_PYTHON" "$L3HP_PYXIS_PODMAN" --remove "$name" ;;
   esac
 }

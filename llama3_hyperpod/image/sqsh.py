@@ -145,14 +145,20 @@ def fix_permissions(rootfs: Path) -> None:
     os.chmod(rootfs, 0o755)
 
 
-def _untar(source: IO[bytes] | None, rootfs: Path, *, skip_whiteouts: bool) -> subprocess.Popen[bytes]:
+def _untar(source: IO[bytes] | None, rootfs: Path, errors: IO[bytes], *,
+           skip_whiteouts: bool) -> subprocess.Popen[bytes]:
     """GNU tar, as enroot uses it: keep modes, drop dev/* (the host's /dev is mounted) and .dockerenv."""
     cmd = ["tar", "-C", str(rootfs), "--warning=no-timestamp", "--anchored", "--exclude=dev/*",
            "--exclude=.dockerenv", "--no-anchored"]
     if skip_whiteouts:
         cmd.append(f"--exclude={WHITEOUT}*")
     cmd += ["-px", "-f", "-"]
-    return subprocess.Popen(cmd, stdin=source if source is not None else subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, stdin=source if source is not None else subprocess.PIPE, stderr=errors)
+
+
+def _text(errors: IO[bytes]) -> str:
+    errors.seek(0)
+    return errors.read().decode(errors="replace").strip()
 
 
 def _inside(rootfs: Path, member: str) -> Path | None:
@@ -218,30 +224,32 @@ def check_engine(engine: str) -> None:
                             if engine == "docker" else f"{engine} does not work here")
 
 
-def engine_rootfs(engine: str, image: str, rootfs: Path) -> dict[str, Any]:
+def engine_rootfs(engine: str, image: str, rootfs: Path, emit: Callable[[str], None] = say) -> dict[str, Any]:
     """Flatten IMAGE into rootfs through a created (never started) container, removed again whatever happens."""
     inspected = _run_engine(engine, "image", "inspect", image)
     if inspected.returncode != 0:
         raise _engine_error(inspected, f"{engine} has no image {image}")
     config = json.loads(inspected.stdout)[0]
+    emit(f"exporting {image} from {engine}")
     name = f"l3hp-sqsh-{secrets.token_hex(4)}"
     created = _run_engine(engine, "create", "--name", name, image)
     if created.returncode != 0:
         raise _engine_error(created, f"{engine} create {image}")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        exporter = subprocess.Popen([engine, "export", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        procs.append(exporter)
-        untar = _untar(exporter.stdout, rootfs, skip_whiteouts=False)
-        procs.append(untar)
-        assert exporter.stdout is not None
-        exporter.stdout.close()
-        _, tar_err = untar.communicate()
-        _, export_err = exporter.communicate()
-        if exporter.returncode != 0:
-            raise SqshError(f"{engine} export {name}: {export_err.decode(errors='replace').strip()}")
-        if untar.returncode != 0:
-            raise SqshError(f"tar: {tar_err.decode(errors='replace').strip()}")
+        with tempfile.TemporaryFile() as export_err, tempfile.TemporaryFile() as tar_err:
+            exporter = subprocess.Popen([engine, "export", name], stdout=subprocess.PIPE, stderr=export_err)
+            procs.append(exporter)
+            untar = _untar(exporter.stdout, rootfs, tar_err, skip_whiteouts=False)
+            procs.append(untar)
+            assert exporter.stdout is not None
+            exporter.stdout.close()
+            untar.wait()
+            exporter.wait()
+            if exporter.returncode != 0:
+                raise SqshError(f"{engine} export {name}: {_text(export_err)}")
+            if untar.returncode != 0:
+                raise SqshError(f"tar: {_text(tar_err)}")
     finally:
         _stop(procs)
         removed = _run_engine(engine, "rm", "-f", "-v", name)
@@ -318,7 +326,7 @@ def _layer_stream(archive: tarfile.TarFile, name: str) -> Iterator[IO[bytes]]:
         stream.close()
 
 
-def archive_rootfs(path: Path, rootfs: Path) -> dict[str, Any]:
+def archive_rootfs(path: Path, rootfs: Path, emit: Callable[[str], None] = say) -> dict[str, Any]:
     """Apply the archive's layers in order into rootfs; returns the image config's `config` section."""
     try:
         archive = tarfile.open(path)  # noqa: SIM115  # closed by the with below; open errors are bad input
@@ -326,6 +334,7 @@ def archive_rootfs(path: Path, rootfs: Path) -> dict[str, Any]:
         raise SqshError(f"{path}: not a readable tar archive ({exc})") from None
     with archive:
         image_config, layers = archive_layout(archive)
+        emit(f"applying the {len(layers)} layers of {path}")
         for i, name in enumerate(layers, 1):
             with _layer_stream(archive, name) as stream:
                 try:
@@ -334,19 +343,20 @@ def archive_rootfs(path: Path, rootfs: Path) -> dict[str, Any]:
                 except tarfile.TarError as exc:
                     raise SqshError(f"layer {i} ({name}): {exc}") from None
             removed = apply_whiteouts(rootfs, [m for m in members if PurePosixPath(m).name.startswith(WHITEOUT)])
-            with _layer_stream(archive, name) as stream:
-                untar = _untar(None, rootfs, skip_whiteouts=True)
+            with _layer_stream(archive, name) as stream, tempfile.TemporaryFile() as tar_err:
+                untar = _untar(None, rootfs, tar_err, skip_whiteouts=True)
                 try:
                     assert untar.stdin is not None
                     with contextlib.suppress(BrokenPipeError):
                         shutil.copyfileobj(stream, untar.stdin, 1 << 20)
+                    with contextlib.suppress(BrokenPipeError):
                         untar.stdin.close()
-                    _, err = untar.communicate()
+                    untar.wait()
                 finally:
                     _stop([untar])
                 if untar.returncode != 0:
-                    raise SqshError(f"tar, layer {i} ({name}): {err.decode(errors='replace').strip()}")
-            say(f"layer {i}/{len(layers)}: {len(members)} entries, {removed} removed by whiteouts")
+                    raise SqshError(f"tar, layer {i} ({name}): {_text(tar_err)}")
+            emit(f"layer {i}/{len(layers)}: {len(members)} entries, {removed} removed by whiteouts")
     lowered = {k.lower(): v for k, v in image_config.items()}
     return dict(lowered.get("config") or {})
 
@@ -354,7 +364,8 @@ def archive_rootfs(path: Path, rootfs: Path) -> dict[str, Any]:
 # ---- the whole import ------------------------------------------------------------------------------------------
 
 def _size(path: Path) -> str:
-    return f"{path.stat().st_size / 1e9:.2f} GB"
+    size = path.stat().st_size
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 @contextlib.contextmanager
@@ -399,18 +410,16 @@ def make_sqsh(source: str, out: Path, *, squash_options: str = DEFAULT_SQUASH_OP
         rootfs.mkdir()
         try:
             if sep:
-                emit(f"exporting {image} from {ENGINES[scheme]}")
-                config = engine_rootfs(ENGINES[scheme], image, rootfs)
+                config = engine_rootfs(ENGINES[scheme], image, rootfs, emit)
             else:
-                emit(f"applying the layers of {source}")
-                config = archive_rootfs(Path(source), rootfs)
+                config = archive_rootfs(Path(source), rootfs, emit)
             fix_permissions(rootfs)
             configure_rootfs(rootfs, config)
             emit(f"root filesystem ready ({time.monotonic() - start:.0f} s): /etc/rc, /etc/fstab and "
                  f"/etc/environment ({len(_strings(config.get('Env')))} variables) written")
             cmd = ["mksquashfs", str(rootfs), str(partial), "-all-root", "-noappend", "-no-progress",
                    "-processors", str(os.cpu_count() or 1), *shlex.split(squash_options)]
-            emit(f"{' '.join(cmd[:1] + cmd[3:])}")
+            emit(" ".join(shlex.quote(c) for c in cmd))
             made = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
             if made.returncode != 0:
                 raise SqshError(f"mksquashfs failed: {made.stderr.strip().splitlines()[-1:]}")
