@@ -171,9 +171,7 @@ if [[ $uri != docker://* ]]; then
   esac
   mkdir -p "$(dirname "$out")" "$temp_path"
   echo "importing $uri -> $out (enroot image format, written here; squashfs options: $squash_options)"
-  "${cmd[@]}" || exit $?
-  echo "done: use IMAGE=$out with enroot/train.sbatch and enroot/compile.sbatch"
-  exit 0
+  exec "${cmd[@]}" # signals reach it directly: it removes its container and partial files on TERM/INT/HUP
 fi
 
 # ---- registries: enroot import --------------------------------------------------------------------------------

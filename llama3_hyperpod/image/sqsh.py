@@ -147,9 +147,10 @@ def fix_permissions(rootfs: Path) -> None:
 
 def _untar(source: IO[bytes] | None, rootfs: Path, errors: IO[bytes], *,
            skip_whiteouts: bool) -> subprocess.Popen[bytes]:
-    """GNU tar, as enroot uses it: keep modes, drop dev/* (the host's /dev is mounted) and .dockerenv."""
-    cmd = ["tar", "-C", str(rootfs), "--warning=no-timestamp", "--anchored", "--exclude=dev/*",
-           "--exclude=.dockerenv", "--no-anchored"]
+    """GNU tar, as enroot uses it: keep modes, drop dev/* (the host's /dev is mounted) and .dockerenv (layer tars
+    name their members ./dev/..., an export dev/...)."""
+    cmd = ["tar", "-C", str(rootfs), "--warning=no-timestamp", "--anchored", "--exclude=dev/*", "--exclude=./dev/*",
+           "--exclude=.dockerenv", "--exclude=./.dockerenv", "--no-anchored"]
     if skip_whiteouts:
         cmd.append(f"--exclude={WHITEOUT}*")
     cmd += ["-px", "-f", "-"]
@@ -452,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except SqshError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"done: use IMAGE={Path(ns.output).absolute()} with enroot/train.sbatch and enroot/compile.sbatch")
     return 0
 
 

@@ -415,7 +415,7 @@ esac
     (bin_dir / "enroot").chmod(0o755)
     (bin_dir / "srun").write_text("#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n")
     (bin_dir / "srun").chmod(0o755)
-    step, cleanup = srun_lines("train.sbatch", tmp_path, IMAGE="/x.sqsh")
+    _, cleanup = srun_lines("train.sbatch", tmp_path, IMAGE="/x.sqsh")
     opts = options(cleanup)
     assert (opts["--nodes"], opts["--ntasks-per-node"]) == ("2", "1")
     assert not [o for o in opts if "container" in o], "runs on the host, where enroot is"

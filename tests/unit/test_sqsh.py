@@ -11,6 +11,7 @@ import json
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ CONFIG = {
 }
 
 
-def run_rc(tmp_path: Path, config: dict[str, object], *args: str, rc_local: str = "", stdin: str = "") -> str:
+def run_rc(tmp_path: Path, config: dict[str, Any], *args: str, rc_local: str = "", stdin: str = "") -> str:
     """Run the generated /etc/rc with sh on this host (its /etc/rc.local pointed at a file of the test)."""
     local = tmp_path / "rc.local"
     local.write_text(rc_local)
@@ -63,7 +64,10 @@ def test_rc_keeps_labels_as_comments() -> None:
     assert "exec python /opt/app/entrypoint.py --help\n" in text
 
 
-def _tar(entries: list[tuple[str, bytes | str | None, int]], compress: bool = False) -> bytes:
+Entry = tuple[str, bytes | str | None, int]
+
+
+def _tar(entries: list[Entry], compress: bool = False) -> bytes:
     """A layer tar: (name, file bytes | symlink target (str) | None for a dir, mode)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -84,16 +88,19 @@ def _tar(entries: list[tuple[str, bytes | str | None, int]], compress: bool = Fa
     return gzip.compress(raw, mtime=0) if compress else raw
 
 
-LAYER1 = [("etc", None, 0o755), ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644),
-          ("etc/environment", b"FROM_BASE=1\n", 0o644), ("usr", None, 0o755), ("usr/bin", None, 0o755),
-          ("usr/bin/tool", b"#!/bin/sh\necho tool\n", 0o755), ("bin", "usr/bin", 0o777),
-          ("opt", None, 0o755), ("opt/old", None, 0o755), ("opt/old/a", b"a", 0o644), ("opt/old/b", b"b", 0o644),
-          ("opt/gone.txt", b"gone", 0o644), ("opt/secret", b"s", 0o000), ("dev", None, 0o755),
-          ("dev/null-copy", b"x", 0o644), (".dockerenv", b"", 0o644)]
-LAYER2 = [("opt", None, 0o755), ("opt/.wh.gone.txt", b"", 0o644), ("opt/old", None, 0o755),
-          ("opt/old/.wh..wh..opq", b"", 0o644), ("opt/old/new", b"new", 0o644), ("opt/app", None, 0o755),
-          ("opt/app/entrypoint.py", b"print('hi')\n", 0o644), ("etc", None, 0o755),
-          ("etc/.wh.ignored-missing", b"", 0o644)]
+LAYER1: list[Entry] = [
+    ("./", None, 0o755), ("./etc", None, 0o755), ("./dev/console-copy", b"x", 0o644),
+    ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644), ("etc/environment", b"FROM_BASE=1\n", 0o644),
+    ("usr", None, 0o755), ("usr/bin", None, 0o755), ("usr/bin/tool", b"#!/bin/sh\necho tool\n", 0o755),
+    ("bin", "usr/bin", 0o777), ("opt", None, 0o755), ("opt/old", None, 0o755), ("opt/old/a", b"a", 0o644),
+    ("opt/old/b", b"b", 0o644), ("opt/gone.txt", b"gone", 0o644), ("opt/secret", b"s", 0o000), ("dev", None, 0o755),
+    ("dev/null-copy", b"x", 0o644), (".dockerenv", b"", 0o644),
+]
+LAYER2: list[Entry] = [
+    ("opt", None, 0o755), ("opt/.wh.gone.txt", b"", 0o644), ("opt/old", None, 0o755),
+    ("opt/old/.wh..wh..opq", b"", 0o644), ("opt/old/new", b"new", 0o644), ("opt/app", None, 0o755),
+    ("opt/app/entrypoint.py", b"print('hi')\n", 0o644), ("etc", None, 0o755), ("etc/.wh.ignored-missing", b"", 0o644),
+]
 
 
 def docker_archive(path: Path) -> Path:
