@@ -44,3 +44,14 @@ def writable_or_temporary(path: Path, option: str, *, explicit: bool, purpose: s
     fallback = require_writable_dir(Path(tempfile.gettempdir()) / "llama3-hyperpod" / purpose, option)
     return fallback, (f"{path.absolute()} is not writable here (a read-only container?); writing to {fallback} "
                       f"instead (set {option} to keep the output)")
+
+
+def quiet_matplotlib() -> None:
+    """Point matplotlib's config/cache dir at the temporary dir when $HOME cannot hold it (enroot's empty, read-only
+    home): it would make one there anyway, after two lines of warning that bury the command's own output."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "matplotlib"
+    if _problem(home) is not None:
+        os.environ["MPLCONFIGDIR"] = str(require_writable_dir(Path(tempfile.gettempdir()) / "llama3-hyperpod" /
+                                                              "matplotlib", "MPLCONFIGDIR"))

@@ -6,10 +6,10 @@ srun. What is reproduced, each from the upstream source (NVIDIA/enroot v4.1.2, N
 
 - The rootfs: the .sqsh unpacked once per container name (`pyxis_NAME` in the data dir, kept until removed, as
   with pyxis' default container_scope=global; pyxis_slurmstepd.c:1305-1309) or per step (`pyxis_JOB.STEP`, removed
-  at the end: :1346-1352, :1753-1757). Read-only unless writable is asked for (src/runtime.sh:262-265).
+  at the end: :1346-1352, :1753-1757). Read-only unless writable is asked for (src/runtime.sh:263-266).
 - The hooks that matter: the user's passwd/group entries and an empty home made from /etc/skel
   (conf/hooks/10-shadow.sh); `exec "$@"` into /etc/rc.local unless the entrypoint is wanted
-  (pyxis_slurmstepd.c:1043-1059; pyxis runs no entrypoint by default, config.c:36).
+  (pyxis_slurmstepd.c:1043-1058; pyxis runs no entrypoint by default, config.c:36).
 - The container's environment: cleared, then the image's /etc/environment with `${VAR}` taken from the job
   (src/runtime.sh:32-62, src/common.sh:155-202, bin/common.h:148-167), `TERM` (conf/environ/10-terminal.env) and the
   `--container-env` names (pyxis_slurmstepd.c:1061-1075); the job's PATH, LD_* and ENROOT_*_PATH never reach enroot

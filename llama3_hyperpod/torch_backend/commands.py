@@ -112,6 +112,9 @@ def report(run_dir: Path, output: Path | None) -> None:
 
 
 def render_report(run_dir: Path, output: Path) -> Path:
+    from llama3_hyperpod.writable import quiet_matplotlib
+
+    quiet_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
