@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.enroot_support import TAG, build_cpu_image, ensure_squashfs_tools, podman_env
-from tests.slurm_support import Cluster, read_log
+from tests.slurm_support import Cluster, free_ports, read_log
 
 DOCS = (REPO / "README.md", REPO / "enroot" / "README.md")
 KINDS = {"run", "image", "slurm", "skip", "ci", "text"}
@@ -126,13 +126,16 @@ def test_every_command_block_says_how_it_is_tested() -> None:
 @pytest.fixture(scope="module")
 def docs_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("docs")
-    (tmp / "fsx").mkdir()
-    (tmp / "fsx").chmod(0o777)  # root's container jobs run as uid 1000 (pyxis_podman.py)
+    for shared in (tmp / "fsx", tmp / "fsx" / "runs"):  # a user's own dirs: root's container jobs run as uid 1000
+        shared.mkdir()
+        shared.chmod(0o777)
+    (tmp / "home").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({"PATH": f"{REPO / '.venv' / 'bin'}:{env['PATH']}", "FSX": str(tmp / "fsx"),
-                "L3HP_OUTPUT_DIR": str(tmp / "runs"), "HOME": str(tmp / "home"), "TMPDIR": str(tmp)})
-    (tmp / "home").mkdir()
-    print("\ndocs-test environment: " + ", ".join(f"{k}={env[k]}" for k in ("FSX", "L3HP_OUTPUT_DIR", "HOME"))
+                "L3HP_OUTPUT_DIR": str(tmp / "runs"), "HOME": str(tmp / "home"), "TMPDIR": str(tmp),
+                "MASTER_PORT": str(free_ports(1))})
+    print("\ndocs-test environment: " + ", ".join(f"{k}={env[k]}" for k in ("FSX", "L3HP_OUTPUT_DIR", "HOME",
+                                                                              "TMPDIR", "MASTER_PORT"))
           + f", PATH starts with {REPO / '.venv' / 'bin'}")
     return env
 
