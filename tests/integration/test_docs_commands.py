@@ -12,8 +12,9 @@ Each block (fenced or indented) is preceded by a marker line `<!-- docs-test: KI
 
 The environment the commands get (printed with the results): the repository's .venv/bin first on PATH (so `python`
 is the project's), FSX and L3HP_OUTPUT_DIR in a temporary dir (so nothing lands in the checkout or in /fsx),
-ENROOT_SQUASH_OPTIONS as enroot/enroot.conf sets it on HyperPod (uncompressed: quick to pack), CI's podman and Slurm. The only rewrite: where this checkout builds its cpu image under another tag
-(L3HP_CI_IMAGE_TAG, for parallel checkouts), the documented `localhost/llama3-hyperpod:cpu-ci` names that tag.
+ENROOT_SQUASH_OPTIONS as enroot/enroot.conf sets it on HyperPod (uncompressed: quick to pack), CI's podman and
+Slurm. The only rewrite: where this checkout builds its cpu image under another tag (L3HP_CI_IMAGE_TAG, for
+parallel checkouts), the documented `localhost/llama3-hyperpod:cpu-ci` names that tag.
 """
 
 from __future__ import annotations
