@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +127,7 @@ def test_every_command_block_says_how_it_is_tested() -> None:
 
 
 @pytest.fixture(scope="module")
-def docs_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def docs_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("docs")
     for shared in (tmp / "fsx", tmp / "fsx" / "runs"):  # a user's own dirs: root's container jobs run as uid 1000
         shared.mkdir()
@@ -139,7 +141,8 @@ def docs_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                                                                               "TMPDIR", "MASTER_PORT",
                                                                               "ENROOT_SQUASH_OPTIONS"))
           + f", PATH starts with {REPO / '.venv' / 'bin'}")
-    return env
+    yield env
+    shutil.rmtree(tmp / "fsx" / "enroot", ignore_errors=True)  # the imported .sqsh: GBs
 
 
 @pytest.fixture(scope="module")
