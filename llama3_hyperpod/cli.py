@@ -18,6 +18,7 @@ from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
 from llama3_hyperpod.plan import Plan, build_plan
+from llama3_hyperpod.writable import require_writable_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -160,6 +161,7 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
         return
     from llama3_hyperpod import runlock
 
+    require_writable_dir(Path(output_dir), "--output-dir")
     run_dir = Path(result.run_dir)
     node_rank = result.cluster["node_rank"]
     run_dir.mkdir(parents=True, exist_ok=True)
