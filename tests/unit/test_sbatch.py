@@ -372,12 +372,14 @@ def test_import_without_its_tools_says_so(tmp_path: Path) -> None:
 
 def test_the_launcher_and_the_login_profile_exist_in_the_image() -> None:
     """The srun line calls LAUNCHER by absolute path; the Dockerfile must make it, and keep the image's PATH for
-    login shells (enroot's default) in the final stage."""
+    login shells (enroot's default), written once PATH is final (no ENV PATH after it, in any flavor)."""
     text = (REPO / "Dockerfile").read_text(encoding="utf-8")
     assert f"> {LAUNCHER}" in text, "the Dockerfile no longer writes the launcher"
-    app = text.rsplit("\nFROM ", 1)[1]
-    assert app.startswith("deps AS app") or " AS app" in app.splitlines()[0]
-    assert re.search(r"""printf 'export PATH="%s"\\n' "\$PATH" > /etc/profile\.d/\S+\.sh""", app), app[-400:]
+    found = re.search(r"""printf 'export PATH="%s"\\n' "\$PATH" > /etc/profile\.d/\S+\.sh""", text)
+    assert found, "the Dockerfile no longer writes the login profile"
+    before, after = text[:found.start()], text[found.end():]
+    assert before.rsplit("\nFROM ", 1)[1].startswith("sdk-${FLAVOR} AS deps")  # the stage every flavor shares
+    assert not re.search(r"^ENV PATH=", after, re.MULTILINE) and "\nFROM deps AS app" in after
 
 
 def test_podman_mode_hands_the_runner_the_pyxis_options(tmp_path: Path) -> None:
