@@ -152,8 +152,10 @@ l3hp_preflight() {
     echo "preflight: passed on $nodes nodes; the step took $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }') s"
     return 0
   fi
-  failures=$(grep -cE '^ *[0-9]+: preflight: FAIL on ' "$log" || true)
-  reason=$(grep -m 1 -E '^ *[0-9]+: preflight: FAIL on ' "$log" | sed -E 's/^ *[0-9]+: //' || true)
+  # each failed node prints a summary ("FAIL on NODE (node R of N, ...): counts") and a reason ("FAIL on NODE (node R):
+  # CHECK: FIGURE — FIX"): count the summaries, show the first reason
+  failures=$(grep -cE '^ *[0-9]+: preflight: FAIL on [^ ]+ \(node [0-9]+ of ' "$log" || true)
+  reason=$(grep -m 1 -E '^ *[0-9]+: preflight: FAIL on [^ ]+ \(node [0-9]+\): ' "$log" | sed -E 's/^ *[0-9]+: //' || true)
   [[ -n $reason ]] || reason="preflight: the step exited $rc without a verdict"
   if [[ -n ${cleanup:-} ]]; then # the preflight step unpacked the job's container on every node: remove it
     eval "timeout 300 $cleanup" > /dev/null 2>&1 || echo "preflight: warning: could not remove the job's" \

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
+from llama3_hyperpod import __version__
 from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
@@ -107,7 +108,7 @@ def check_memory(plan: Plan) -> None:
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(package_name="llama3-hyperpod")
+@click.version_option(__version__, prog_name="llama3-hyperpod")
 def main() -> None:
     """Train Llama 3 on AWS Trainium (NxDT) with SageMaker HyperPod, or anywhere with the PyTorch backend.
 

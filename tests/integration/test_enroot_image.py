@@ -244,7 +244,9 @@ def test_the_container_looks_like_an_enroot_one(sqsh: Path, tmp_path: Path) -> N
     assert seen["OMP"] == "3", "a --container-env name keeps the job's value"
     assert "ROOTFS: touch: cannot touch '/opt/app/x': Read-only file system" in result.stdout
     assert seen["TMP"] == "writable"
-    assert "/opt/venv/bin/python" in result.stdout
+    # bare `python` is the SDK's (NxDT's environment); entrypoint.py re-runs itself in the project's venv (the smoke
+    # test below starts it that way)
+    assert image_env["L3HP_SDK_PYTHON"] + "\n" in result.stdout
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").rglob("pyxis_*")), \
         "a container without a name is removed after the step"
 
