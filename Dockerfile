@@ -131,6 +131,8 @@ LABEL io.llama3-hyperpod.flavor="cuda" org.opencontainers.image.title="llama3-hy
 # without what /etc/llama3-hyperpod/lock-exclude names. setuptools from the lock goes in first and builds the lock's
 # sdists (antlr4-python3-runtime, python-hostlist) without build isolation, so an offline wheelhouse needs nothing
 # the lock does not pin. Both venvs must pass `pip check`. The wheelhouse mount is the one described under sdk-cpu.
+# The last line keeps the image's PATH in a login shell: enroot starts containers through one by default
+# (ENROOT_LOGIN_SHELL, enroot.in line 94) and Debian's /etc/profile resets PATH; /etc/profile.d/ is read after it.
 # hadolint ignore=DL3006
 FROM sdk-${FLAVOR} AS deps
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
@@ -153,7 +155,8 @@ RUN --mount=type=bind,source=wheelhouse,target=/tmp/wheelhouse \
     && if [ -f /etc/llama3-hyperpod/sdk.pth ]; then cp /etc/llama3-hyperpod/sdk.pth "${site}/zz_llama3_hyperpod_sdk.pth"; fi \
     && /opt/venv/bin/pip --disable-pip-version-check check \
     && printf '#!/bin/sh\nexec /opt/venv/bin/python /opt/app/entrypoint.py "$@"\n' > /usr/local/bin/llama3-hyperpod \
-    && chmod 0755 /usr/local/bin/llama3-hyperpod
+    && chmod 0755 /usr/local/bin/llama3-hyperpod \
+    && printf 'export PATH="%s"\n' "$PATH" > /etc/profile.d/llama3-hyperpod-path.sh
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The project itself, last: a code-only change rebuilds only these layers. Byte code is compiled here (hash-checked,

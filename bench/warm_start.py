@@ -107,18 +107,18 @@ def main() -> int:
                 res["loadavg"] = round(idle.loadavg, 1)
                 runs[kind].append(res)
     fractions = Stat([w["seconds"] / c["seconds"] for w, c in zip(runs["warm"], runs["cold"], strict=True)])
-    missed = any(r["fxgraph_miss"] != 0 or r["fxgraph_hit"] <= 0 for r in runs["warm"])
+    missed = any(w["fxgraph_miss"] != 0 or w["fxgraph_hit"] <= 0 for w in runs["warm"])
     result = {"runs": runs, "warm_fraction": fractions.values, "median_fraction": round(fractions.median, 3),
               "target_fraction": TARGET}
     if args.json:
         print(json.dumps(result))
     else:
         for kind in ("cold", "warm"):
-            for i, r in enumerate(runs[kind]):
-                print(f"{kind} #{i + 1}: first step after {r['seconds']:6.1f} s | fx graph cache hit "
-                      f"{r['fxgraph_hit']} miss {r['fxgraph_miss']} | aot autograd hit {r['aot_hit']} miss "
-                      f"{r['aot_miss']} | {r['seeding']} | others used {r['others_cores_before']} cores just before "
-                      f"(load avg {r['loadavg']})")
+            for i, run in enumerate(runs[kind]):
+                print(f"{kind} #{i + 1}: first step after {run['seconds']:6.1f} s | fx graph cache hit "
+                      f"{run['fxgraph_hit']} miss {run['fxgraph_miss']} | aot autograd hit {run['aot_hit']} miss "
+                      f"{run['aot_miss']} | {run['seeding']} | others used {run['others_cores_before']} cores just "
+                      f"before (load avg {run['loadavg']})")
         print(f"time to first step with the baked cache: {fractions.text('{:.1%}')} of the time without it, per "
               f"round ({'within' if fractions.median <= TARGET else 'OVER'} the {TARGET:.0%} target)"
               + ("; a warm run MISSED the cache" if missed else ""))

@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 
 import click
 
+from llama3_hyperpod import __version__
 from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
 from llama3_hyperpod.plan import Plan, build_plan
+from llama3_hyperpod.writable import require_writable_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -106,7 +108,7 @@ def check_memory(plan: Plan) -> None:
 
 
 @click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(package_name="llama3-hyperpod")
+@click.version_option(__version__, prog_name="llama3-hyperpod")
 def main() -> None:
     """Train Llama 3 on AWS Trainium (NxDT) with SageMaker HyperPod, or anywhere with the PyTorch backend.
 
@@ -160,6 +162,7 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
         return
     from llama3_hyperpod import runlock
 
+    require_writable_dir(Path(output_dir), "--output-dir")
     run_dir = Path(result.run_dir)
     node_rank = result.cluster["node_rank"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +284,34 @@ def preflight(config: Path, overrides: tuple[str, ...], backend: str, run_name: 
                               as_json))
 
 
+@click.command(name="import")
+@click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
+@plan_options
+@click.option("--dry-run", is_flag=True, help="Check everything and print every step, write nothing.")
+@user_errors
+def checkpoint_import(hf_dir: Path, config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
+                      output_dir: str, nxdt_examples: str | None, dry_run: bool) -> None:
+    """Start the run from a Hugging Face Llama folder (config.json + safetensors, sharded or not, + tokenizer).
+
+    The folder must hold the config's model (layers, heads, KV heads, hidden, intermediate, vocab, rope, tied
+    embeddings; one line names what differs, exit 2, nothing written) and the run no checkpoints yet. torch: writes
+    the run's step-0 checkpoint (weights only; any TP/DP layout resumes it); neuron: consolidates the safetensors and
+    runs NxDT's checkpoint converter for the run's layout, and `train` starts from the result. Both keep the tokenizer
+    files and a manifest in RUN_DIR/import.
+    """
+    from llama3_hyperpod.checkpoint_transfer import ImportTarget, import_hf
+    from llama3_hyperpod.config import load_config
+    from llama3_hyperpod.plan import DEFAULT_NXDT_EXAMPLES
+
+    planned = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
+    rc = load_config(planned.config_path, planned.overrides, num_nodes=planned.cluster["num_nodes"])
+    lay = planned.layout
+    target = ImportTarget(Path(planned.run_dir), planned.backend, planned.instance,
+                          {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "kv_replicator": lay.kv_replicator})
+    examples = nxdt_examples or os.environ.get("NXDT_EXAMPLES_DIR") or DEFAULT_NXDT_EXAMPLES
+    sys.exit(import_hf(hf_dir, rc, target, examples=examples, env=os.environ, dry_run=dry_run, echo=click.echo))
+
+
 def _register_command_groups() -> None:
     """Commands that live beside their code; their modules import heavy libraries only when a command runs."""
     from llama3_hyperpod.cache.commands import cache
@@ -289,6 +320,7 @@ def _register_command_groups() -> None:
     from llama3_hyperpod.torch_backend.commands import report, smoke
 
     main.add_command(cache)
+    checkpoint.add_command(checkpoint_import)
     main.add_command(checkpoint)
     main.add_command(data)
     main.add_command(smoke)

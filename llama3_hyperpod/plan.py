@@ -155,7 +155,8 @@ def build_plan(
         commands, cc_flags, nxdt_env = neuron.commands, neuron.effective_neuron_cc_flags, neuron.nxdt_env
         checkpoints |= {"dir": neuron.checkpoint_dir, "resume": neuron.resume_text(),
                         "resume_from": str(neuron.resume.resume_from.path) if neuron.resume.resume_from else None,
-                        "incomplete_newer": [str(c.path) for c in neuron.resume.incomplete_newer]}
+                        "incomplete_newer": [str(c.path) for c in neuron.resume.incomplete_newer],
+                        "imported": neuron.imported}
         peak: float | None = instance.bf16_flops_per_device
     else:
         launch_overrides = _torch_overrides(rc, cluster, run_dir if not explicit else None, train_dir, uses_default)

@@ -124,7 +124,7 @@ class ModelSection:
     num_layers: int | None = None
     hidden_size: int | None = None
     rope_theta: float | None = None
-    qkv_linear: bool = True
+    qkv_linear: bool = False  # NxDT's default (lightning_modules/model/hf_models/llama_model.py:31)
     fuse_qkv: bool = True
     use_cpu_initialization: bool = True
     activations_checkpoint_granularity: str | None = "selective"

@@ -118,7 +118,7 @@ def verify_cmd(config: Path, overrides: tuple[str, ...], backend: str, run_name:
 @cache.command("seed")
 @click.option("--baked", default=None, envvar="L3HP_BAKED_CACHE",
               help="The read-only cache baked into the image [default: /opt/app/neuron_cache].")
-@click.option("--runtime", "runtime", default=None, envvar="L3HP_CACHE_DIR", required=True,
+@click.option("--runtime", "runtime", envvar="L3HP_CACHE_DIR", required=True,
               help="The writable, node-local run-time cache dir (env L3HP_CACHE_DIR).")
 @click.option("--copy", "force_copy", is_flag=True, help="Copy even when hard links are possible.")
 @click.option("--json", "as_json", is_flag=True)

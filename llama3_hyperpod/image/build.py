@@ -213,11 +213,10 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
         args[name] = value
     sqsh = Path(ns.sqsh).resolve() if ns.sqsh else None
     if sqsh is not None:
-        if shutil.which("enroot") is None:
-            raise UsageError("--sqsh: enroot is not installed on this host (https://github.com/NVIDIA/enroot); "
-                             "build without --sqsh and import on a host that has it")
+        if shutil.which("mksquashfs") is None:
+            raise UsageError("--sqsh: mksquashfs is not installed on this host (apt-get install squashfs-tools)")
         if sqsh.exists():
-            raise UsageError(f"--sqsh: {sqsh} exists (enroot import never overwrites): remove it or pick another path")
+            raise UsageError(f"--sqsh: {sqsh} exists (never overwritten): remove it or pick another path")
         if not sqsh.parent.is_dir():
             raise UsageError(f"--sqsh: directory {sqsh.parent} does not exist")
     if ns.push and "/" not in tag.split(":")[0]:
@@ -427,10 +426,14 @@ def push(client: Any, tag: str, emit: Callable[[str], None]) -> None:
 
 
 def enroot_import(engine: str, tag: str, sqsh: Path, emit: Callable[[str], None]) -> None:
-    uri = f"{'podman' if engine == 'podman' else 'dockerd'}://{tag}"
-    emit(f"enroot import -o {sqsh} {uri}")
-    if subprocess.run(["enroot", "import", "-o", str(sqsh), uri], check=False).returncode != 0:
-        raise BuildError(f"enroot import of {tag} into {sqsh} failed (see its output above)")
+    """The image as an enroot squashfs, by our own writer (image/sqsh.py): enroot's podman:// import runs `docker rm`
+    in its exit trap whatever the engine (enroot src/docker.sh:588), which fails with a daemon-less docker CLI."""
+    from llama3_hyperpod.image.sqsh import SqshError, make_sqsh
+
+    try:
+        make_sqsh(f"{'podman' if engine == 'podman' else 'dockerd'}://{tag}", sqsh, emit=emit)
+    except SqshError as exc:
+        raise BuildError(f"--sqsh {sqsh}: {exc}") from None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from llama3_hyperpod.cluster import Cluster
 from llama3_hyperpod.config import RunConfig
 from llama3_hyperpod.launchspec import Launch, split_env
-from llama3_hyperpod.neuron import checkpoints
+from llama3_hyperpod.neuron import checkpoints, convert
+from llama3_hyperpod.neuron.devices import instance_for
 from llama3_hyperpod.neuron.env import launch_env, orchestrator_env
 from llama3_hyperpod.overrides import assignment, hydra_value
 
@@ -47,8 +48,11 @@ class NeuronLaunch:
     checkpoint_dir: str
     resume: checkpoints.ResumeChoice
     resume_pin: str | None  # what train passes as exp_manager.resume_from_checkpoint (None: NxDT's own choice)
+    imported: str | None = None  # the run's imported weights train starts from (no checkpoint of its own yet)
 
     def resume_text(self) -> str:
+        if self.imported:
+            return f"from the imported weights {self.imported} (model.weight_init_only: optimizer states start fresh)"
         if self.resume_pin:
             return f"from {self.resume_pin} (pinned: the newest with NxD's 'done' marker)"
         if self.resume.resume_from is not None:
@@ -100,6 +104,10 @@ def build(
     pin = _resume_pin(rc, resume, warnings)
     if pin is not None:
         train_extra.append(assignment("exp_manager.resume_from_checkpoint", pin, present))
+    imported = convert.read_import(run_dir) if resume.resume_from is None else None
+    import_args = (convert.import_overrides(rc, imported, instance_for(lay.devices_per_node, rc.cfg.trainer.lnc),
+                                            warnings) if imported is not None else [])
+    train_extra += import_args
     rank = cluster.node_rank
     train_argv = [*head, *common, *train_extra, f"hydra.run.dir={hydra_value(f'{run_dir}/hydra/train-node{rank}')}"]
 
@@ -123,7 +131,8 @@ def build(
         nxdt_env[mode] = orchestrator_env(nxdt_cfg, {**env, **added})
     _env_warnings(env, cache_dir, warnings)
     flags = nxdt_env["train"].get("NEURON_CC_FLAGS", env.get("NEURON_CC_FLAGS"))
-    return NeuronLaunch(commands, nxdt_env, flags, str(ckpt_dir), resume, pin)
+    return NeuronLaunch(commands, nxdt_env, flags, str(ckpt_dir), resume, pin,
+                        str(imported.checkpoint) if imported is not None and import_args else None)
 
 
 def _resume_pin(rc: RunConfig, resume: checkpoints.ResumeChoice, warnings: list[str]) -> str | None:

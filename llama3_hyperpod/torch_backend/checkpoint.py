@@ -38,19 +38,24 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from llama3_hyperpod.fsutil import PathError, link_message
 from llama3_hyperpod.torch_backend.checkpoint_files import (
     CHECKPOINTS,
-    DIGEST,
     DONE,
-    FORMAT,
     IDENTITY,
     MODEL_CONFIG,
     PREFIX,
     SETASIDE_PREFIX,
     TMP_PREFIX,
+    WEIGHTS_ONLY,
     IdentityError,
     check_files,
     check_identity,
@@ -59,6 +64,7 @@ from llama3_hyperpod.torch_backend.checkpoint_files import (
     hash_threads,
     identity_difference,
     list_step_dirs,
+    make_marker,
     newest_complete,
     problem,
     read_identity,
@@ -94,6 +100,7 @@ class Restored:
     path: Path
     step: int
     consumed_samples: int
+    weights_only: bool = False  # imported weights: the optimizer and LR schedule start fresh
 
 
 def _writer(tmp: Path) -> dcp.FileSystemWriter:
@@ -110,6 +117,11 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_each(paths: list[Path]) -> None:
+    for path in paths:
+        _fsync_path(path)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -330,7 +342,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         own = self._own_files(tmp)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-fsync") as flusher:
-            flushed = flusher.submit(lambda: [_fsync_path(p) for p in own])
+            flushed = flusher.submit(_fsync_each, own)
             digests = file_digests(own)
             flushed.result()
         self.last_hash_s = time.perf_counter() - t0
@@ -364,8 +376,7 @@ class Checkpointer:
                 self._clear_slot(final)
                 os.rename(tmp, final)
                 _fsync_path(self.root, directory=True)
-                marker = {"format": FORMAT, "digest": DIGEST, "step": step, "files": dict(sorted(files.items())),
-                          "time": time.time(), "world_size": self.world_size, "layout": self.layout}
+                marker = make_marker(step, files, world_size=self.world_size, layout=self.layout)
                 _write_durably(final / DONE, json.dumps(marker, indent=1).encode())
                 _fsync_path(final, directory=True)
                 self._intact[final] = (final / DONE).stat().st_mtime_ns
@@ -487,7 +498,14 @@ class Checkpointer:
         self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> Restored:
         """Load `path` (already verified) into fresh tensors; only when every rank has all of it, copy it into the
-        model, optimizer and scheduler and restore this rank's RNG. On failure they are as they were."""
+        model, optimizer and scheduler and restore this rank's RNG. On failure they are as they were.
+
+        A weights-only checkpoint (`checkpoint import`) sets the model alone: the optimizer and LR schedule stay as
+        this run's config made them, as for a fresh start.
+        """
+        marker, _ = read_marker(path)
+        if marker is not None and marker.get(WEIGHTS_ONLY):
+            return self._load_weights(path, model)
         fresh_optimizer = not optimizer.state
         live = _app_state(model, optimizer, scheduler, 0, 0)
         target = _fresh(live)
@@ -516,6 +534,23 @@ class Checkpointer:
             self.log(f"checkpoint: warning: {rng_file} missing (saved with another world size); RNG not restored")
         trainer = target["trainer"]
         return Restored(path, int(trainer["step"]), int(trainer["consumed_samples"]))
+
+    def _load_weights(self, path: Path, model: torch.nn.Module) -> Restored:
+        """The model (and trainer position) of a weights-only checkpoint, into fresh tensors first, then the model."""
+        target = {"model": _fresh(get_model_state_dict(model, options=STATE_DICT_OPTIONS)),
+                  "trainer": {"step": 0, "consumed_samples": 0}}
+        error: BaseException | None = None
+        try:
+            dcp.load(target, checkpoint_id=path, no_dist=self.world_size == 1)
+        except SaveErrors as exc:
+            error = exc
+        if not self._all_ok(error is None):
+            if error is None:
+                raise CheckpointError("another rank could not load it")
+            raise error
+        set_model_state_dict(model, target["model"], options=STATE_DICT_OPTIONS)
+        trainer = target["trainer"]
+        return Restored(path, int(trainer["step"]), int(trainer["consumed_samples"]), weights_only=True)
 
     def resume(
         self,
@@ -563,9 +598,16 @@ class Checkpointer:
             saved = marker.get("layout") if marker else None
             resharded = (f", resharded from {_layout_text(saved)} to {_layout_text(self.layout)}"
                          if isinstance(saved, dict) and saved != self.layout else "")
-            self.log(f"checkpoint: resumed from {restored.path} (step {restored.step}, "
-                     f"{restored.consumed_samples} samples consumed{resharded}; verified in "
-                     f"{self.last_verify_s:.2f} s)")
+            if restored.weights_only:
+                source = marker.get("source") if marker else None
+                self.log(f"checkpoint: started from imported weights {restored.path}"
+                         + (f" (from {source})" if source else "")
+                         + f": optimizer and LR schedule fresh from the config{resharded}; verified in "
+                         f"{self.last_verify_s:.2f} s")
+            else:
+                self.log(f"checkpoint: resumed from {restored.path} (step {restored.step}, "
+                         f"{restored.consumed_samples} samples consumed{resharded}; verified in "
+                         f"{self.last_verify_s:.2f} s)")
         return restored
 
 

@@ -1,4 +1,6 @@
-"""`checkpoint` commands: list a run's checkpoints and export one in Hugging Face format.
+"""`checkpoint` commands: list a run's checkpoints and export one in Hugging Face format (`import`, which needs the
+plan options, is defined in cli.py and added to this group there; the export of an NxDT checkpoint is
+checkpoint_transfer.py's).
 
 Registered by cli.py. torch, safetensors and the DCP reader are imported inside the commands so the CLI starts fast.
 Both check every file's sha256 against the done marker before trusting a checkpoint (`list --quick`: sizes only), so
@@ -93,7 +95,7 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
 
 @click.group()
 def checkpoint() -> None:
-    """Inspect and export the torch backend's checkpoints (<run dir>/checkpoints/step_N)."""
+    """Import Hugging Face weights into a run; list the torch backend's checkpoints; export to Hugging Face."""
 
 
 @checkpoint.command(name="list")
@@ -104,8 +106,10 @@ def list_(run_dir: Path, quick: bool) -> None:
     from llama3_hyperpod.torch_backend.checkpoint_files import (
         CHECKPOINTS,
         SETASIDE_PREFIX,
+        WEIGHTS_ONLY,
         list_step_dirs,
         problem,
+        read_marker,
     )
 
     root = run_dir / CHECKPOINTS if (run_dir / CHECKPOINTS).is_dir() else run_dir
@@ -115,20 +119,49 @@ def list_(run_dir: Path, quick: bool) -> None:
     good = "complete (sizes only: --quick)" if quick else "complete, intact"
     for step, path in found:
         why = problem(path, verify=not quick)
-        click.echo(f"{step:>9}  {path}  {good if why is None else 'SKIPPED: ' + why}")
+        marker, _ = read_marker(path)
+        imported = " (imported weights: `checkpoint import`)" if marker and marker.get(WEIGHTS_ONLY) else ""
+        click.echo(f"{step:>9}  {path}  {good + imported if why is None else 'SKIPPED: ' + why}")
     for path in sorted(root.glob(f"{SETASIDE_PREFIX}*")):
         click.echo(f"{'-':>9}  {path}  set aside (was in the way of a save; kept for you to inspect)")
 
 
 @checkpoint.command()
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-def export(source: Path, out_dir: Path) -> None:
-    """Write SOURCE (a step_N dir, or a run dir: its newest complete checkpoint) to OUT_DIR in Hugging Face format.
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="NxDT checkpoint: the config it was trained with (default: the one `train` recorded in its run "
+                   "dir, plan-train-node0.json).")
+@click.option("--override", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="NxDT checkpoint: an override of that config (Hydra's grammar); repeat for more.")
+@click.option("--nxdt-examples", default=None, envvar="NXDT_EXAMPLES_DIR",
+              help="NxDT checkpoint: NxDT's examples/ folder (holds checkpoint_converter_scripts/).")
+@click.option("--dry-run", is_flag=True, help="NxDT checkpoint: print every step, run nothing.")
+def export(source: Path, out_dir: Path | None, config: Path | None, overrides: tuple[str, ...],
+           nxdt_examples: str | None, dry_run: bool) -> None:
+    """Write SOURCE to OUT_DIR in Hugging Face format.
 
-    OUT_DIR gets model.safetensors and config.json: transformers' LlamaForCausalLM.from_pretrained(OUT_DIR)
-    loads it and computes the same logits as the trainer's model.
+    SOURCE is a torch-backend step_N dir or run dir (its newest complete checkpoint): OUT_DIR gets
+    model.safetensors and config.json, which transformers' LlamaForCausalLM.from_pretrained(OUT_DIR) loads with the
+    same logits as the trainer's model. Or an NxDT checkpoint <tag>.ckpt: NxDT's converter (--convert_to_full_state,
+    for the layout of its shards and its run's config) writes the full state beside it, then it becomes HF
+    safetensors + config.json + the run's tokenizer files + manifest.json in OUT_DIR (default: <tag>.hf beside it).
     """
+    from llama3_hyperpod.neuron.convert import is_nxdt_tag
+
+    if is_nxdt_tag(source):
+        import os
+
+        from llama3_hyperpod.checkpoint_transfer import export_nxdt, load_run_config
+        from llama3_hyperpod.neuron.launch import DEFAULT_NXDT_EXAMPLES
+
+        rc = load_run_config(config, overrides, source.resolve())
+        examples = nxdt_examples or DEFAULT_NXDT_EXAMPLES
+        sys.exit(export_nxdt(source, out_dir, rc, examples=examples, env=os.environ, dry_run=dry_run,
+                             echo=click.echo))
+    if out_dir is None:
+        _fail("OUT_DIR", "is required for a torch-backend checkpoint")
+    assert out_dir is not None
     ckpt = resolve_checkpoint(source)
     export_hf(ckpt, out_dir)
     click.echo(f"exported {ckpt} -> {out_dir} (model.safetensors, config.json)")

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -50,6 +51,9 @@ REQUIRED = (".metadata", IDENTITY)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DIGEST = "sha256 of the sha256 of each 16 MiB block"
 BLOCK = 16 * 2**20
+# Marker key of a checkpoint made by `checkpoint import` from Hugging Face weights: it holds the model and the trainer
+# position (step 0) only, so a run starting from it builds its optimizer and LR schedule from its own config.
+WEIGHTS_ONLY = "weights_only"
 
 
 class IdentityError(ConfigError):
@@ -127,6 +131,13 @@ def check_identity(root: Path, identity: Mapping[str, Any]) -> None:
 
 
 # ---- the done marker ---------------------------------------------------------------------------------------------
+
+
+def make_marker(step: int, files: Mapping[str, Mapping[str, Any]], *, world_size: int, layout: Mapping[str, Any],
+                **extra: Any) -> dict[str, Any]:
+    """The done marker's content: format, digest scheme, step, every file's size and digest, who wrote it."""
+    return {"format": FORMAT, "digest": DIGEST, "step": step, "files": dict(sorted(files.items())),
+            "time": time.time(), "world_size": world_size, "layout": dict(layout), **extra}
 
 
 def _safe_rel(rel: object) -> bool:

@@ -36,8 +36,9 @@ SMOKE_MIN_DROP = 1.0  # nats: the tiny model on real text falls by several withi
               help="auto: neuron where /dev/neuron* exists (a tiny NxDT run on 2 NeuronCores), else torch.")
 @click.option("--dry-run", is_flag=True, help="neuron: print the planned steps and PASS criteria, run nothing.")
 @click.argument("overrides", nargs=-1)  # fmt: skip
-def smoke(config: Path | None, steps: int, device: str, output_dir: Path, backend: str, dry_run: bool,
-          overrides: tuple[str, ...]) -> None:
+@click.pass_context
+def smoke(ctx: click.Context, config: Path | None, steps: int, device: str, output_dir: Path, backend: str,
+          dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Train the tiny model for a few dozen steps and say PASS or FAIL, with the evidence."""
     from llama3_hyperpod.cluster import detect_accelerator
 
@@ -52,9 +53,14 @@ def smoke(config: Path | None, steps: int, device: str, output_dir: Path, backen
     import torch
 
     from llama3_hyperpod.config import ConfigError
+    from llama3_hyperpod.writable import writable_or_temporary
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
+        explicit = ctx.get_parameter_source("output_dir") is not click.core.ParameterSource.DEFAULT
+        output_dir, note = writable_or_temporary(output_dir, "--output-dir", explicit=explicit, purpose="runs")
+        if note:
+            click.echo(f"smoke: {note}", err=True)
         code = _run_smoke(config, steps, dev, output_dir, overrides)
     except ConfigError as exc:
         click.echo(f"error: {exc.key}: {exc.message}", err=True)
@@ -112,15 +118,23 @@ def report(run_dir: Path, output: Path | None) -> None:
     """Plot loss, learning rate and tokens/s per step from RUN_DIR/metrics.jsonl into a PNG."""
     from llama3_hyperpod.config import ConfigError
 
+    target = output or run_dir / "report.png"
     try:
-        out = render_report(run_dir, output or run_dir / "report.png")
+        out = render_report(run_dir, target)
     except ConfigError as exc:
         click.echo(f"error: {exc.key}: {exc.message}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"error: --output: cannot write {target} ({exc.strerror or exc}): set --output to a writable "
+                   "file", err=True)
         sys.exit(2)
     click.echo(str(out))
 
 
 def render_report(run_dir: Path, output: Path) -> Path:
+    from llama3_hyperpod.writable import quiet_matplotlib
+
+    quiet_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

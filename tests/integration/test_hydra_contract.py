@@ -177,3 +177,28 @@ def test_a_pinned_resume_path_with_odd_characters_reaches_hydra(nxdt_hydra_pytho
     got = run_orchestrator(nxdt_hydra_python, sandbox, tail_after_orchestrator(plan.commands["train"].argv),
                            cwd=run_dir)
     assert got["cfg"]["exp_manager"]["resume_from_checkpoint"] == str(tag)
+
+
+def test_an_imported_run_starts_from_its_weights_in_nxdts_hydra(nxdt_hydra_python: Path,
+                                                                 sandbox: dict[str, Path]) -> None:
+    """What `checkpoint import` leaves for the neuron train launch, composed by NxDT's Hydra: the converted shards as
+    resume_from_checkpoint and weight_init_only true (a key the YAML lacks: added with ++)."""
+    from llama3_hyperpod.config import load_config
+    from llama3_hyperpod.neuron import convert
+    from llama3_hyperpod.neuron.devices import instance_for
+
+    image = sandbox["image"]
+    config = image / "configs" / "llama3_8b_trn1.yaml"
+    run_dir = sandbox["output"] / "run"
+    nxdt = run_dir / "import" / "nxdt"
+    (nxdt / "model").mkdir(parents=True)
+    layout = convert.layout_for(load_config(config, []), instance_for(32, None)).to_dict()
+    (run_dir / "import" / "manifest.json").write_text(json.dumps({"backend": "neuron", "layout": layout}))
+    for path in [run_dir, *run_dir.rglob("*")]:
+        path.chmod(0o777)
+    plan = build_plan(config, [f"exp_manager.explicit_log_dir={hydra_value(str(run_dir))}"],
+                      detect_accelerator("neuron"), {})
+    got = run_orchestrator(nxdt_hydra_python, sandbox, tail_after_orchestrator(plan.commands["train"].argv),
+                           cwd=run_dir)
+    assert got["cfg"]["exp_manager"]["resume_from_checkpoint"] == str(nxdt)
+    assert got["cfg"]["model"]["weight_init_only"] is True

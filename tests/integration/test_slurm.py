@@ -1,8 +1,9 @@
 """enroot/*.sbatch on a real Slurm cluster (Debian's slurm-wlm, 2 slurmd nodes) started by scripts/ci/setup_slurm.sh.
 
-The jobs run with CONTAINER=none (the same srun line without pyxis: this machine has no enroot), so what is
-exercised for real is Slurm's side: one task per node, SLURM_* -> torchrun rendezvous across two slurmd nodes,
-per-node logs, exit codes, and the compile-cache node-count check.
+With CONTAINER=none (the same srun line without a container) what is exercised is Slurm's side: one task per node,
+SLURM_* -> torchrun rendezvous across two slurmd nodes, per-node logs, exit codes, requeue, node failure and the
+compile-cache node-count check. With CONTAINER=podman the same jobs run from the image's .sqsh in the pyxis+enroot-
+like container (llama3_hyperpod/image/pyxis_podman.py), and no container of a job may be left when it ends.
 """
 
 from __future__ import annotations
@@ -10,109 +11,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
+from tests.slurm_support import JOB_TIMEOUT, Cluster, free_ports, read_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
-SETUP = REPO / "scripts" / "ci" / "setup_slurm.sh"
 VENV = Path(sys.executable).parent.parent
 # Small enough for 2 shared cores: 3 steps of 8 x 64 tokens. micro 4 so that 2 data-parallel ranks make batch 8.
 TINY = ["configs/tiny_cpu.yaml", "trainer.max_steps=3", "model.encoder_seq_length=64", "data.micro_batch_size=4"]
-JOB_TIMEOUT = 240
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports on loopback."""
-    for _ in range(200):
-        base = random.randint(20000, 40000)
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError("no free port range found")
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """A running test cluster: the env that points Slurm's clients at it."""
-
-    dir: Path
-    env: dict[str, str]
-
-    def run(self, *argv: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, env={**self.env, **(extra_env or {})}, capture_output=True, text=True,
-                              cwd=REPO, timeout=60, check=False)
-
-    def sbatch(self, script: str, *args: str, nodes: int, log: Path, env: dict[str, str]) -> str:
-        result = self.run("sbatch", "--parsable", f"--nodes={nodes}", f"--output={log}", script, *args,
-                          extra_env=env)
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip().split(";")[0]
-
-    def wait(self, job_id: str, log: Path, timeout: float = JOB_TIMEOUT) -> tuple[str, str]:
-        """Poll until the job ends; returns (JobState, ExitCode). Cancels it and fails when it takes too long."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.run("scontrol", "show", "job", "-o", job_id).stdout
-            state = re.search(r"JobState=(\S+)", out)
-            code = re.search(r"ExitCode=(\S+)", out)
-            if state and code and state.group(1) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                                     "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}:
-                return state.group(1), code.group(1)
-            time.sleep(1)
-        self.run("scancel", job_id)
-        pytest.fail(f"job {job_id} did not end within {timeout} s; batch log:\n{_read(log)}")
-
-
-def _read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else f"({path} missing)"
 
 
 def _slurm_logs(out: Path) -> str:
     logs = sorted((out / "slurm-logs").glob("*.log")) if (out / "slurm-logs").is_dir() else []
-    return "\n".join(f"== {p.name}\n{_read(p)[-3000:]}" for p in logs)
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Start munged + slurmctld + 2 slurmd for this test session, and stop them afterwards."""
-    state = tmp_path_factory.mktemp("slurm")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env |= {"L3HP_SLURM_DIR": str(state), "L3HP_SLURM_NODES": "2", "L3HP_SLURM_PORT": str(free_ports(3))}
-    try:
-        started = subprocess.run(["bash", str(SETUP), "up"], env=env, capture_output=True, text=True, timeout=600,
-                                 check=False)
-    except subprocess.TimeoutExpired:
-        started = subprocess.CompletedProcess([], 124, "", "setup_slurm.sh up timed out")
-    try:
-        if started.returncode != 0:
-            message = f"could not start the Slurm test cluster:\n{started.stdout}{started.stderr}"
-            if os.environ.get("CI"):
-                pytest.fail(message)
-            pytest.skip(message)
-        yield Cluster(state, {**env, "SLURM_CONF": str(state / "etc" / "slurm.conf")})
-    finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(["bash", str(SETUP), "down"], env=env, capture_output=True, timeout=120, check=False)
+    return "\n".join(f"== {p.name}\n{read_log(p)[-3000:]}" for p in logs)
 
 
 def job_env(out: Path, **extra: str) -> dict[str, str]:
@@ -135,9 +55,9 @@ def test_two_nodes_train_like_one_node_with_the_same_global_batch(slurm: Cluster
                        env=job_env(out, RUN_NAME="two-nodes"))
     batch_log = tmp_path / f"train-{job}.out"
     state, code = slurm.wait(job, batch_log)
-    assert (state, code) == ("COMPLETED", "0:0"), f"{_read(batch_log)}\n{_slurm_logs(out)}"
+    assert (state, code) == ("COMPLETED", "0:0"), f"{read_log(batch_log)}\n{_slurm_logs(out)}"
 
-    node_logs = {p.name: _read(p) for p in (out / "slurm-logs").glob(f"llama3-train-{job}-restart0-*.log")}
+    node_logs = {p.name: read_log(p) for p in (out / "slurm-logs").glob(f"llama3-train-{job}-restart0-*.log")}
     assert sorted(re.sub(r".*-(node\d+)\.log", r"\1", n) for n in node_logs) == ["node0", "node1"], node_logs.keys()
     launches = sorted(re.findall(r"--nnodes (\d+) --node_rank (\d+) --master_addr (\S+)", "\n".join(
         node_logs.values())))
@@ -165,7 +85,7 @@ def test_train_refuses_a_cache_compiled_for_another_node_count(slurm: Cluster, t
     job = slurm.sbatch("enroot/train.sbatch", *TINY, nodes=2, log=log, env=job_env(out, CACHE_DIR=str(cache)))
     batch_log = tmp_path / f"train-{job}.out"
     state, code = slurm.wait(job, batch_log, timeout=60)
-    text = _read(batch_log)
+    text = read_log(batch_log)
     assert (state, code) == ("FAILED", "2:0"), text
     assert f"error: compile cache {cache} was compiled for 1 nodes" in text
     assert "submit with -N 1" in text
@@ -199,7 +119,7 @@ def wait_for_step(slurm: Cluster, job_id: str, run_dir: Path, step: int, log: Pa
         state = job_info(slurm, job_id).get("JobState", "?")
         if state in TERMINAL or time.monotonic() > deadline:
             slurm.run("scancel", job_id)
-            pytest.fail(f"job {job_id} is {state} before step {step}:\n{_read(log)}")
+            pytest.fail(f"job {job_id} is {state} before step {step}:\n{read_log(log)}")
         time.sleep(0.2)
 
 
@@ -214,15 +134,15 @@ def wait_releasing(slurm: Cluster, job_id: str, log: Path, timeout: float = JOB_
             return info
         time.sleep(1)
     slurm.run("scancel", job_id)
-    pytest.fail(f"job {job_id} did not end within {timeout} s; batch log:\n{_read(log)}")
+    pytest.fail(f"job {job_id} did not end within {timeout} s; batch log:\n{read_log(log)}")
 
 
 def resumed_from(out: Path, job_id: str, restart: int) -> int:
     """The step the given restart resumed from, read from its node-0 log."""
     logs = list((out / "slurm-logs").glob(f"llama3-train-{job_id}-restart{restart}-*-node0.log"))
     assert logs, f"no node-0 log of restart {restart}"
-    found = re.search(r"checkpoint: resumed from \S+ \(step (\d+),", _read(logs[0]))
-    assert found, _read(logs[0])[-3000:]
+    found = re.search(r"checkpoint: resumed from \S+ \(step (\d+),", read_log(logs[0]))
+    assert found, read_log(logs[0])[-3000:]
     return int(found.group(1))
 
 
@@ -245,7 +165,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm: Cluster, tmp_
     sent = slurm.run("scancel", "--signal=USR1", job)
     assert sent.returncode == 0, sent.stderr
     info = wait_releasing(slurm, job, batch_log)
-    text = _read(batch_log)
+    text = read_log(batch_log)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{text}\n{_slurm_logs(out)}"
     assert info["Restarts"] == "1"
     assert "step exited 85" in text and "checkpointed (exit 85), requeueing" in text
@@ -303,9 +223,110 @@ def test_node_failure_fails_the_job_and_the_rerun_resumes_from_the_last_checkpoi
     requeued = slurm.run("scontrol", "requeue", job)  # what HyperPod's auto-resume does for the job
     assert requeued.returncode == 0, requeued.stderr
     info = wait_releasing(slurm, job, batch_log)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{_read(batch_log)}\n{_slurm_logs(out)}"
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{read_log(batch_log)}\n{_slurm_logs(out)}"
     assert resumed_from(out, job, int(info["Restarts"])) == max(before)
     assert_every_step_once(run)
+
+
+# ---- the same jobs in the pyxis-like container (CONTAINER=podman) ---------------------------------------------
+
+CONTAINER_JOB_TIMEOUT = 900
+
+
+@pytest.fixture(scope="module")
+def enroot_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cpu image as an enroot .sqsh, made by enroot/import.sh as a user would."""
+    from tests.enroot_support import build_cpu_image, ensure_squashfs_tools, import_sh
+
+    ensure_squashfs_tools()
+    tmp = tmp_path_factory.mktemp("slurm-enroot-image")
+    out = tmp / "llama3-hyperpod.sqsh"
+    result = import_sh("-o", str(out), f"podman://{build_cpu_image(tmp)}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield out
+    out.unlink(missing_ok=True)
+
+
+def container_job_env(tmp_path: Path, image: Path, **extra: str) -> tuple[dict[str, str], Path, Path]:
+    """CONTAINER=podman: the pyxis srun options handed to llama3_hyperpod/image/pyxis_podman.py on each node.
+    Root's jobs run as uid 1000 in the container (enroot refuses root), so the shared dirs are world-writable, as
+    a user's own dirs would be writable by the user's job."""
+    from tests.enroot_support import podman_env
+
+    fsx, data = tmp_path / "fsx", tmp_path / "enroot-data"
+    out = fsx / "runs"
+    for path in (fsx, out, fsx / "cache"):
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o777)
+    env = {**podman_env(), "CONTAINER": "podman", "IMAGE": str(image), "FSX": str(fsx), "OUTPUT_DIR": str(out),
+           "CACHE_DIR": str(fsx / "cache"), "NVME": str(tmp_path / "no-nvme"), "BACKEND": "torch-cpu",
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_ports(1)), "L3HP_PODMAN_DATA_PATH": str(data), **extra}
+    return env, out, data
+
+
+def containers_left(data: Path, job_id: str) -> list[str]:
+    return sorted(str(p.relative_to(data)) for p in data.glob(f"*/pyxis_*{job_id}*")) if data.is_dir() else []
+
+
+def assert_removed_on_both_nodes(text: str, job_id: str, runs: int = 1) -> None:
+    for node in ("l3hp-n1", "l3hp-n2"):
+        assert text.count(f"removed container pyxis_llama3-hyperpod-{job_id} on {node}") == runs, text
+
+
+def test_two_nodes_in_the_pyxis_like_container_checkpoint_requeue_resume_and_leave_no_container(
+        slurm: Cluster, enroot_image: Path, tmp_path: Path) -> None:
+    """sbatch -N2 train.sbatch with the image's .sqsh, run on each node as pyxis + enroot would (login shell,
+    /etc/environment, read-only root, uid 1000): 2 ranks across the nodes train; USR1 (the time-limit warning)
+    reaches the trainer through the runner and podman, it checkpoints and exits 85, the job removes its container
+    from both nodes and requeues; the rerun resumes; at the end no container of the job is left anywhere."""
+    env, out, data = container_job_env(tmp_path, enroot_image, RUN_NAME="in-container")
+    log = tmp_path / "train-%j.out"
+    job = slurm.sbatch("enroot/train.sbatch", *RESUMABLE, nodes=2, log=log, env=env)
+    batch_log = tmp_path / f"train-{job}.out"
+    run = out / "in-container"
+    deadline = time.monotonic() + CONTAINER_JOB_TIMEOUT
+    while len(steps_logged(run)) < 7:
+        state = job_info(slurm, job).get("JobState", "?")
+        if state in TERMINAL or time.monotonic() > deadline:
+            slurm.run("scancel", job)
+            pytest.fail(f"job {job} is {state} before step 7:\n{read_log(batch_log)}\n{_slurm_logs(out)}")
+        time.sleep(0.5)
+    assert containers_left(data, job) == [f"l3hp-n1/pyxis_llama3-hyperpod-{job}",
+                                          f"l3hp-n2/pyxis_llama3-hyperpod-{job}"]
+    seen = len(steps_logged(run))
+    assert slurm.run("scancel", "--signal=USR1", job).returncode == 0
+    info = wait_releasing(slurm, job, batch_log, timeout=CONTAINER_JOB_TIMEOUT)
+    text = read_log(batch_log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{text}\n{_slurm_logs(out)}"
+    assert info["Restarts"] == "1"
+    assert "step exited 85" in text and "checkpointed (exit 85), requeueing" in text
+    first_run = text.split("requeueing", 1)[0]
+    assert_removed_on_both_nodes(first_run, job)  # removed before the requeue, too
+    assert_removed_on_both_nodes(text, job, runs=2)
+    assert containers_left(data, job) == []
+    stop = resumed_from(out, job, 1)
+    assert seen <= stop <= seen + 2, (seen, stop)
+    assert_every_step_once(run)
+    node_logs = "\n".join(read_log(p) for p in (out / "slurm-logs").glob(f"llama3-train-{job}-restart0-*.log"))
+    launches = sorted(re.findall(r"--nnodes (\d+) --node_rank (\d+) --master_addr (\S+)", node_logs))
+    assert launches == [("2", "0", "l3hp-n1"), ("2", "1", "l3hp-n1")], launches
+    assert run.stat().st_uid == 1000, "the trainer ran as the container's non-root user"
+    assert "/usr/local/bin/llama3-hyperpod train" in text  # the launcher by absolute path
+
+
+def test_a_failed_container_job_leaves_no_container(slurm: Cluster, enroot_image: Path, tmp_path: Path) -> None:
+    env, out, data = container_job_env(tmp_path, enroot_image)
+    env["PREFLIGHT"] = "0"  # the job step itself must fail here (preflight would refuse the config before it)
+    log = tmp_path / "train-%j.out"
+    job = slurm.sbatch("enroot/train.sbatch", *TINY, "trainer.max_steps=-1", nodes=2, log=log, env=env)
+    batch_log = tmp_path / f"train-{job}.out"
+    state, code = slurm.wait(job, batch_log, timeout=CONTAINER_JOB_TIMEOUT)
+    text = read_log(batch_log)
+    assert (state, code) == ("FAILED", "2:0"), f"{text}\n{_slurm_logs(out)}"
+    assert "step exited 2" in text
+    assert "error: trainer.max_steps" in _slurm_logs(out)  # the trainer's one line, from inside the container
+    assert_removed_on_both_nodes(text, job)
+    assert containers_left(data, job) == []
 
 
 # ---- preflight: one step on every node before the job step -----------------------------------------------------
@@ -319,7 +340,7 @@ def test_preflight_runs_on_every_node_before_training(slurm: Cluster, tmp_path: 
     job = slurm.sbatch("enroot/train.sbatch", *TINY, nodes=2, log=log, env=job_env(out, RUN_NAME="pf-ok"))
     batch_log = tmp_path / f"train-{job}.out"
     state, code = slurm.wait(job, batch_log)
-    text = _read(batch_log)
+    text = read_log(batch_log)
     assert (state, code) == ("COMPLETED", "0:0"), f"{text}\n{_slurm_logs(out)}"
     verdicts = sorted(re.findall(r"preflight: PASS on (\S+) \(node (\d) of 2, torch/cpu, train\)", text))
     assert verdicts == [("l3hp-n1", "0"), ("l3hp-n2", "1")], text
@@ -384,7 +405,7 @@ def test_a_failing_preflight_stops_the_job_with_the_node_and_reason(slurm: Clust
         job = slurm.sbatch("enroot/train.sbatch", *args, nodes=2, log=log, env=env)
         batch_log = tmp_path / f"train-{job}.out"
         state, code = slurm.wait(job, batch_log, timeout=120)
-        text = _read(batch_log)
+        text = read_log(batch_log)
         assert (state, code) == ("FAILED", "2:0"), text
         assert re.search(r"^error: preflight: " + expected, text, re.MULTILINE), text
         assert f"[{failed_nodes} of 2 nodes failed; job step not started; lines in {logs}/" in text

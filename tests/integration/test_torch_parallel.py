@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from llama3_hyperpod.config import load_config
-from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS
-from llama3_hyperpod.torch_backend.checkpoint_files import step_dir
 from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from llama3_hyperpod.torch_backend.train import train
 
@@ -27,6 +25,9 @@ COMMON = [
     "data.micro_batch_size=2",
     "data.global_batch_size=8",
     "model.optim.sched.warmup_steps=2",
+    # min_lr = lr: after the warmup the LR no longer depends on max_steps, which (as in NxDT) the schedule spans, so a
+    # run stopped at max_steps=5 and continued to 10 follows one straight run's schedule.
+    "model.optim.sched.min_lr=3.0e-3",
     "torch_backend.compile=false",
     # Stored data order. With the default shuffled order the same runs differ by up to 1.3e-5 relative at steps 6-7:
     # the same summation-order rounding, amplified by Adam on a faster-falling loss (4.2 after 7 steps here).
@@ -92,15 +93,11 @@ def test_parallel_losses_match_single_process(
 @pytest.mark.parametrize(("before", "after"), [((2, 1), (1, 2))], ids=["tp2xdp1-to-tp1xdp2"])  # also ran: the reverse
 def test_a_checkpoint_resumes_under_another_layout(before: tuple[int, int], after: tuple[int, int], dataset: Path,
                                                    reference_losses: list[float], tmp_path: Path) -> None:
-    """Steps 1-10 under one (tp, dp) split with a checkpoint at step 5, then steps 6-10 again under another split,
-    resumed from that checkpoint: DCP reshards model and optimizer state (FQN-keyed, flattened) on load, and every
-    loss stays within the equivalence tolerance of one process. Both runs have max_steps 10: the LR schedule spans
-    trainer.max_steps (as in NxDT), so a first run of 5 steps would follow another schedule."""
-    resume = step_dir(tmp_path / CHECKPOINTS, 5)
-    for (tp, dp), extra in ((before, []), (after, [f"exp_manager.resume_from_checkpoint={resume}"])):
-        overrides = [*COMMON, f"data.train_dir={dataset}", "trainer.devices=2",
-                     "exp_manager.checkpoint_callback_params.every_n_train_steps=5",
-                     f"distributed_strategy.tensor_model_parallel_size={tp}", *extra]
+    """Steps 1-5 under one (tp, dp) split, a checkpoint, steps 6-10 under another: DCP reshards model and optimizer
+    state (FQN-keyed, flattened) on load, and every loss stays within the equivalence tolerance of one process."""
+    for (tp, dp), steps in ((before, 5), (after, STEPS)):
+        overrides = [*COMMON, f"data.train_dir={dataset}", "trainer.devices=2", f"trainer.max_steps={steps}",
+                     f"distributed_strategy.tensor_model_parallel_size={tp}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "llama3_hyperpod.torch_backend.train", "--config", str(TINY),
                "--run-dir", str(tmp_path), "--device", "cpu", *overrides]

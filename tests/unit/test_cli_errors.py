@@ -63,8 +63,8 @@ def one_line(result: subprocess.CompletedProcess[str], starts: str) -> str:
 
 def test_read_only_output_dir(tmp_path: Path, dataset: Path) -> None:
     with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
-        line = one_line(train(ro, dataset), f"error: {ro}/r: ")
-    assert "Read-only file system" in line
+        line = one_line(train(ro, dataset), f"error: --output-dir: {ro} is not writable: ")
+    assert "set --output-dir to a writable directory" in line
 
 
 def test_disk_full_at_start(tmp_path: Path, dataset: Path) -> None:

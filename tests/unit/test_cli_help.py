@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llama3_hyperpod.cli import main
@@ -25,3 +27,16 @@ def test_each_command_has_help(command: str) -> None:
     assert result.returncode == 0, result.stderr
     doc = main.commands[command].help or ""
     assert doc.split("\n")[0][:40] in " ".join(result.stdout.split())
+
+
+def test_version_is_the_release_in_pyproject_without_installed_metadata() -> None:
+    """The image runs the package from /opt/app without installing it: --version must not ask pip's metadata."""
+    import tomllib
+
+    from llama3_hyperpod import __version__
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert __version__ == pyproject["project"]["version"]
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"llama3-hyperpod, version {__version__}"

@@ -405,11 +405,12 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys:
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
-def test_sqsh_without_enroot_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    if shutil.which("enroot"):
-        pytest.skip("enroot is installed here: the missing-enroot message cannot show")
+def test_sqsh_without_mksquashfs_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(build.shutil, "which", lambda name: None if name == "mksquashfs" else real_which(name))
     assert build.main(["--sqsh", str(tmp_path / "img.sqsh")]) == 2
-    assert "enroot is not installed" in capsys.readouterr().err
+    assert "mksquashfs is not installed" in capsys.readouterr().err
 
 
 def test_request_labels_and_wheelhouse_staging(tmp_path: Path) -> None:

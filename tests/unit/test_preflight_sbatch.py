@@ -23,7 +23,7 @@ def test_preflight_step_runs_where_the_job_step_runs(script: str, tmp_path: Path
     result = render(script, tmp_path, "configs/tiny_cpu.yaml", "trainer.max_steps=5", IMAGE="/fsx-images/l3.sqsh",
                     OMP_NUM_THREADS="4")
     assert result.returncode == 0, result.stderr
-    job = shlex.split(result.stdout)
+    job = shlex.split(result.stdout.splitlines()[0])  # the job step (the container clean-up step follows it)
     check = preflight_line(result.stderr)
     mode = script.removesuffix(".sbatch")
     job_opts, check_opts = options(job), options(check)
@@ -34,7 +34,9 @@ def test_preflight_step_runs_where_the_job_step_runs(script: str, tmp_path: Path
     assert check_opts["--nodes"] == "2" and check_opts["--ntasks-per-node"] == "1"
     assert check_opts["--container-name"] == job_opts["--container-name"]  # the job step reuses the unpacked image
     # The same command with `preflight --mode MODE` in place of the mode.
-    assert program(check) == [*program(job)[:2], "preflight", "--mode", mode, *program(job)[3:]]
+    prog = program(job)
+    i = prog.index(mode)
+    assert program(check) == [*prog[:i], "preflight", "--mode", mode, *prog[i + 1:]]
 
 
 def test_preflight_0_skips_the_step(tmp_path: Path) -> None:
@@ -51,4 +53,4 @@ def test_venv_mode_preflight_uses_the_venv(tmp_path: Path) -> None:
     check = preflight_line(result.stderr)
     assert program(check)[:5] == [f"{venv}/bin/python", program(check)[1], "preflight", "--mode", "train"]
     assert program(check)[5:] == ["configs/tiny_cpu.yaml", "--output-dir", str(tmp_path / "out"), "--backend",
-                                  "torch-cpu", f"compiler_cache_url={tmp_path}/fsx/llama3-hyperpod/cache"]
+                                  "torch-cpu", f"compiler_cache_url='{tmp_path}/fsx/llama3-hyperpod/cache'"]

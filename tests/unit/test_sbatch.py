@@ -17,6 +17,7 @@ from tests.conftest import CONFIG_TINY, REFERENCE, REPO
 
 ENROOT = REPO / "enroot"
 SCRIPTS = ("train.sbatch", "compile.sbatch")
+LAUNCHER = "/usr/local/bin/llama3-hyperpod"
 BASH = shutil.which("bash") or "/bin/bash"
 
 
@@ -53,12 +54,17 @@ def render(script: str, tmp_path: Path, *args: str, **env: str) -> subprocess.Co
                           text=True, cwd=tmp_path, timeout=30, check=False)
 
 
-def srun_line(script: str, tmp_path: Path, *args: str, **env: str) -> list[str]:
+def srun_lines(script: str, tmp_path: Path, *args: str, **env: str) -> list[list[str]]:
+    """The step's srun line, then (with a container) the clean-up step's."""
     result = render(script, tmp_path, *args, **env)
     assert result.returncode == 0, result.stderr
-    argv = shlex.split(result.stdout)
-    assert argv[0] == "srun"
-    return argv
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert all(argv[0] == "srun" for argv in lines), result.stdout
+    return lines
+
+
+def srun_line(script: str, tmp_path: Path, *args: str, **env: str) -> list[str]:
+    return srun_lines(script, tmp_path, *args, **env)[0]
 
 
 def options(argv: list[str]) -> dict[str, str]:
@@ -91,10 +97,11 @@ def test_pyxis_srun_line_follows_the_reference(script: str, tmp_path: Path, pyxi
     # A squashfs path must start with / (or ./): a bare name is pulled from Docker Hub.
     assert "squashfs path that MUST start with `/`" in pyxis_reference
     assert opts["--container-image"] == "/fsx-images/l3.sqsh"
-    # The image ENTRYPOINT is not run: the command line calls the program explicitly.
+    # The image ENTRYPOINT is not run: the command line calls the program explicitly, by absolute path (a login
+    # shell's /etc/profile may reset PATH: the reference's "login shell" fact).
     assert "--no-container-entrypoint" in opts
-    assert program(argv)[:4] == ["python", "/opt/app/entrypoint.py", script.removesuffix(".sbatch"),
-                                 "configs/tiny_cpu.yaml"]
+    assert "`ENROOT_LOGIN_SHELL` defaults to yes" in pyxis_reference
+    assert program(argv)[:3] == [LAUNCHER, script.removesuffix(".sbatch"), "configs/tiny_cpu.yaml"]
     assert opts["--container-workdir"] == "/opt/app"
     # Shared storage and node-local NVMe at their host paths (SRC:DST).
     mounts = opts["--container-mounts"].split(",")
@@ -110,8 +117,8 @@ def test_pyxis_srun_line_follows_the_reference(script: str, tmp_path: Path, pyxi
     assert "--auto-resume" not in opts
     # Logs per job, restart and node.
     assert opts["--output"] == f"{tmp_path}/fsx/llama3-hyperpod/runs/slurm-logs/%x-%j-restart0-%N-node%t.log"
-    assert program(argv)[4:] == ["--output-dir", f"{tmp_path}/fsx/llama3-hyperpod/runs", "trainer.max_steps=5",
-                                 f"compiler_cache_url={tmp_path}/fsx/llama3-hyperpod/cache"]
+    assert program(argv)[3:] == ["--output-dir", f"{tmp_path}/fsx/llama3-hyperpod/runs", "trainer.max_steps=5",
+                                 f"compiler_cache_url='{tmp_path}/fsx/llama3-hyperpod/cache'"]
 
 
 def test_auto_resume_only_on_hyperpod(tmp_path: Path, pyxis_reference: str) -> None:
@@ -140,12 +147,12 @@ def test_venv_mode_runs_the_same_entrypoint_without_pyxis(tmp_path: Path) -> Non
     assert opts["--chdir"] == str(REPO)
     assert program(argv) == [f"{venv}/bin/python", f"{REPO}/entrypoint.py", "train", "configs/tiny_cpu.yaml",
                              "--output-dir", str(tmp_path / "out"), "--run-name", "r1", "--backend", "torch-cpu",
-                             f"compiler_cache_url={tmp_path}/fsx/llama3-hyperpod/cache"]
+                             f"compiler_cache_url='{tmp_path}/fsx/llama3-hyperpod/cache'"]
 
 
 @pytest.mark.parametrize(("env", "message"), [
     ({"IMAGE": "images/l3.sqsh"}, "IMAGE=images/l3.sqsh must be an absolute path to a .sqsh file"),
-    ({"IMAGE": "/x.sqsh", "CONTAINER": "docker"}, "CONTAINER=docker must be pyxis or none"),
+    ({"IMAGE": "/x.sqsh", "CONTAINER": "docker"}, "CONTAINER=docker must be pyxis, podman or none"),
     ({"IMAGE": "/x.sqsh", "OUTPUT_DIR": "/elsewhere"}, "OUTPUT_DIR=/elsewhere is not under a container mount"),
     ({"IMAGE": "/x.sqsh", "OUTPUT_DIR": "runs"}, "OUTPUT_DIR=runs must be an absolute path"),
     ({"IMAGE": "/x.sqsh", "CACHE_DIR": "cache"}, "CACHE_DIR=cache must be an absolute path"),
@@ -243,20 +250,66 @@ def import_sh(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize(("source", "uri", "name"), [
-    ("dockerd://llama3-hyperpod:neuron", "dockerd://llama3-hyperpod:neuron", "llama3-hyperpod-neuron"),
-    ("podman://localhost/llama3-hyperpod:cpu", "podman://localhost/llama3-hyperpod:cpu", "llama3-hyperpod-cpu"),
     ("123456789012.dkr.ecr.us-west-2.amazonaws.com/l3/train:v1",
      "docker://123456789012.dkr.ecr.us-west-2.amazonaws.com#l3/train:v1", "train-v1"),
     ("docker://nvcr.io#nvidia/pytorch:24.01-py3", "docker://nvcr.io#nvidia/pytorch:24.01-py3", "pytorch-24.01-py3"),
     ("docker://me@registry.example.com/img", "docker://me@registry.example.com#img", "img-latest"),
+    ("library/ubuntu:22.04", "docker://library/ubuntu:22.04", "ubuntu-22.04"),
 ])
-def test_import_sources(tmp_path: Path, source: str, uri: str, name: str) -> None:
+def test_import_from_a_registry_goes_through_enroot(tmp_path: Path, source: str, uri: str, name: str) -> None:
     result = import_sh(tmp_path, source, DRY_RUN="1")
     assert result.returncode == 0, result.stderr
     lines = [shlex.split(line) for line in result.stdout.splitlines() if not line.startswith("would add")]
     out = tmp_path / "fsx" / "enroot" / f"{name}.sqsh"
     assert lines[0][:3] == ["enroot", "import", "--output"] and lines[0][4] == uri
     assert lines[1] == ["mv", "-f", lines[0][3], str(out)]
+
+
+@pytest.mark.parametrize(("source", "name"), [
+    ("dockerd://llama3-hyperpod:neuron", "llama3-hyperpod-neuron"),
+    ("podman://localhost/llama3-hyperpod:cpu", "llama3-hyperpod-cpu"),
+    ("ARCHIVE", "l3-image"),
+])
+def test_import_of_local_images_is_converted_here(tmp_path: Path, source: str, name: str) -> None:
+    """podman://, dockerd:// and archives never reach `enroot import` (its podman path runs `docker rm` in its exit
+    trap, src/docker.sh:588; no scheme reads archives): llama3_hyperpod/image/sqsh.py writes the image format."""
+    if source == "ARCHIVE":
+        source = str(tmp_path / "l3-image.tar")
+        Path(source).write_bytes(b"")
+    result = import_sh(tmp_path, source, DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    [argv] = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert argv[0] == "python3" and Path(argv[1]).resolve() == REPO / "llama3_hyperpod" / "image" / "sqsh.py"
+    assert argv[-2:] == [source, str(tmp_path / "fsx" / "enroot" / f"{name}.sqsh")]
+    assert argv[argv.index("--squash-options") + 1] == "-comp lzo -noD"  # enroot's default: no conf, no env
+
+
+def test_import_reads_enroot_settings_as_enroot_does(tmp_path: Path) -> None:
+    """enroot.in:27-58: the environment wins; else the first definition in enroot.conf, then in its .d drop-ins,
+    evaluated by the shell; else enroot's default."""
+    conf = tmp_path / "enroot.conf"
+    conf.write_text("# site settings\nENROOT_SQUASH_OPTIONS -comp lzo -noI   # trailing comment\n"
+                    "ENROOT_SQUASH_OPTIONS -comp xz\nENROOT_TEMP_PATH /scratch/$(echo user)-tmp\n")
+    (tmp_path / "enroot.conf.d").mkdir()
+    (tmp_path / "enroot.conf.d" / "50-more.conf").write_text("ENROOT_TEMP_PATH /dropin\n"
+                                                              "ENROOT_CONFIG_PATH ${HOME}/from-dropin\n")
+
+    def settings(**env: str) -> tuple[str, str]:
+        result = import_sh(tmp_path, "podman://x:y", DRY_RUN="1", L3HP_ENROOT_CONF=str(conf), **env)
+        assert result.returncode == 0, result.stderr
+        argv = shlex.split(result.stdout)
+        return argv[argv.index("--squash-options") + 1], argv[argv.index("--tmpdir") + 1]
+
+    assert settings() == ("-comp lzo -noI", "/scratch/user-tmp")
+    assert settings(ENROOT_SQUASH_OPTIONS="-comp gzip", ENROOT_TEMP_PATH="/env") == ("-comp gzip", "/env")
+    conf.write_text("")
+    assert settings() == ("-comp lzo -noD", "/dropin")
+    # The credentials file of a registry import follows the same rule (the drop-in here; no env given).
+    base = {k: v for k, v in os.environ.items() if k == "PATH"}
+    result = subprocess.run([BASH, str(ENROOT / "import.sh"), "123456789012.dkr.ecr.eu-west-1.amazonaws.com/l3:x"],
+                            env={**base, "HOME": str(tmp_path), "DRY_RUN": "1", "L3HP_ENROOT_CONF": str(conf),
+                                 "FSX": str(tmp_path)}, capture_output=True, text=True, check=False, timeout=30)
+    assert f"would add to {tmp_path}/from-dropin/.credentials: machine" in result.stdout, result.stderr
 
 
 def test_import_ecr_login_in_enroot_netrc_format(tmp_path: Path, pyxis_reference: str) -> None:
@@ -296,14 +349,85 @@ def test_import_bad_input(tmp_path: Path, args: tuple[str, ...], message: str) -
     assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
 
 
-def test_import_without_enroot_says_so(tmp_path: Path) -> None:
-    """A PATH with the tools import.sh needs but no enroot (whatever this machine has installed)."""
+def test_import_without_its_tools_says_so(tmp_path: Path) -> None:
+    """A PATH with the tools import.sh needs but no enroot, python3 or mksquashfs (whatever this machine has)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("sed", "grep", "tail", "mkdir", "dirname", "rm", "mv"):
+    for tool in ("sed", "grep", "tail", "mkdir", "dirname", "basename", "rm", "mv", "tr"):
         found = shutil.which(tool)
         assert found, tool
         (bin_dir / tool).symlink_to(found)
-    result = import_sh(tmp_path, "dockerd://a:b", PATH=str(bin_dir))
+    result = import_sh(tmp_path, "docker://nvcr.io#nvidia/pytorch:24.01-py3", PATH=str(bin_dir))
     assert result.returncode == 2
     assert result.stderr.startswith("error: enroot is not installed on this node"), result.stderr
+    result = import_sh(tmp_path, "podman://a:b", PATH=str(bin_dir))
+    assert result.returncode == 2
+    assert result.stderr == "error: python3 is needed to convert podman://a:b (or import from a registry instead)\n"
+    (bin_dir / "python3").symlink_to(shutil.which("python3") or "/usr/bin/python3")
+    result = import_sh(tmp_path, "podman://a:b", PATH=str(bin_dir))
+    assert result.returncode == 2
+    assert result.stderr == "error: mksquashfs is not installed here (apt-get install squashfs-tools)\n"
+    assert not (tmp_path / "fsx").exists(), "nothing written"
+
+
+def test_the_launcher_and_the_login_profile_exist_in_the_image() -> None:
+    """The srun line calls LAUNCHER by absolute path; the Dockerfile must make it, and keep the image's PATH for
+    login shells (enroot's default), written once PATH is final (no ENV PATH after it, in any flavor)."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    assert f"> {LAUNCHER}" in text, "the Dockerfile no longer writes the launcher"
+    found = re.search(r"""printf 'export PATH="%s"\\n' "\$PATH" > /etc/profile\.d/\S+\.sh""", text)
+    assert found, "the Dockerfile no longer writes the login profile"
+    before, after = text[:found.start()], text[found.end():]
+    assert before.rsplit("\nFROM ", 1)[1].startswith("sdk-${FLAVOR} AS deps")  # the stage every flavor shares
+    assert not re.search(r"^ENV PATH=", after, re.MULTILINE) and "\nFROM deps AS app" in after
+
+
+def test_podman_mode_hands_the_runner_the_pyxis_options(tmp_path: Path) -> None:
+    pyxis = srun_line("train.sbatch", tmp_path, IMAGE="/x.sqsh", OMP_NUM_THREADS="2")
+    podman = srun_line("train.sbatch", tmp_path, IMAGE="/x.sqsh", OMP_NUM_THREADS="2", CONTAINER="podman")
+    container_opts = [a for a in pyxis if a.startswith("--container") or a.startswith("--no-container")]
+    assert [a for a in podman if "container" in a and a.startswith("--")] == container_opts
+    prog = program(podman)
+    assert prog[0] == "python3" and Path(prog[1]).resolve() == REPO / "llama3_hyperpod" / "image" / "pyxis_podman.py"
+    assert prog[2:2 + len(container_opts)] == container_opts
+    assert prog[2 + len(container_opts):] == ["--", *program(pyxis)]
+    assert [a for a in podman[:podman.index(prog[0])] if "container" in a] == [], "srun itself gets no pyxis options"
+
+
+def test_the_job_removes_its_container_from_every_node(tmp_path: Path) -> None:
+    """The clean-up step, run for real against an `enroot` stand-in that keeps containers as dirs (what enroot's
+    `list` and `remove -f` do on ENROOT_DATA_PATH, src/runtime.sh:598-620): both of pyxis' names for this job's
+    container go (container_scope global and job), other containers stay, and the user's ENROOT_DATA_PATH is not
+    used (pyxis strips it, so its enroot used the site's)."""
+    data = tmp_path / "site-data"
+    for name in ("pyxis_llama3-hyperpod-42", "pyxis_42_llama3-hyperpod-42", "pyxis_llama3-hyperpod-421",
+                 "pyxis_other", "llama3-hyperpod-42"):
+        (data / name).mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "enroot").write_text(f"""#!/bin/bash
+set -eu
+data=${{ENROOT_DATA_PATH:-{data}}}
+echo "$*" >> {tmp_path}/enroot-calls
+case $1 in
+  list) ls -1 "$data" ;;
+  remove) [[ $2 == -f && -d $data/$3 ]] && rm -rf "${{data:?}}/$3" ;;
+esac
+""")
+    (bin_dir / "enroot").chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n")
+    (bin_dir / "srun").chmod(0o755)
+    _, cleanup = srun_lines("train.sbatch", tmp_path, IMAGE="/x.sqsh")
+    opts = options(cleanup)
+    assert (opts["--nodes"], opts["--ntasks-per-node"]) == ("2", "1")
+    assert not [o for o in opts if "container" in o], "runs on the host, where enroot is"
+    result = subprocess.run(cleanup, env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                          "ENROOT_DATA_PATH": str(tmp_path / "users-own")},
+                            capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["llama3-hyperpod-42", "pyxis_llama3-hyperpod-421",
+                                                      "pyxis_other"]
+    assert result.stdout.count("removed container pyxis_") == 2
+    podman_cleanup = srun_lines("train.sbatch", tmp_path, IMAGE="/x.sqsh", CONTAINER="podman")[1]
+    assert program(podman_cleanup)[2:] == ["--remove", "llama3-hyperpod-42"]
+    assert len(srun_lines("train.sbatch", tmp_path, CONTAINER="none", VENV=str(tmp_path))) == 1
