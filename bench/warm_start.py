@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,12 +50,21 @@ def image(context: Path, env: dict[str, str], tag: str, *extra: str) -> None:
     print(lines[-1], flush=True)
 
 
+def free_port() -> str:
+    """A free TCP port for MASTER_PORT: the containers share the host's network, and on a shared machine another
+    run may hold the default 41000 (the trainer refuses a port in use)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def first_step(tag: str, out: Path, run_name: str) -> dict[str, Any]:
     """One fresh container training one step: seconds from `podman run` to the step-1 line, and the hit counters."""
     argv = ["/usr/local/bin/llama3-hyperpod", "train", *CONFIG, "trainer.max_steps=1",
             "exp_manager.create_checkpoint_callback=false", "--output-dir", "/out", "--run-name", run_name]
     start = time.monotonic()
-    proc = subprocess.Popen(ci.pyxis_argv(tag, argv, mounts={out: "/out"}, workdir="/opt/app"),
+    proc = subprocess.Popen(ci.pyxis_argv(tag, argv, mounts={out: "/out"}, env={"MASTER_PORT": free_port()},
+                                          workdir="/opt/app"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     seconds, lines = None, []
@@ -89,7 +99,8 @@ def main() -> int:
         compile_argv = ["/usr/local/bin/llama3-hyperpod", "compile", *CONFIG, "--output-dir", "/out",
                         "--run-name", "compile"]
         compiled = ci.pyxis_run(COLD_TAG, compile_argv, mounts={out: "/out", cache: "/cache"},
-                                env={"L3HP_CACHE_DIR": "/cache"}, workdir="/opt/app", timeout=1200)
+                                env={"L3HP_CACHE_DIR": "/cache", "MASTER_PORT": free_port()}, workdir="/opt/app",
+                                timeout=1200)
         if compiled.returncode != 0:
             sys.exit(compiled.stdout[-2000:] + compiled.stderr[-3000:] + "\ncompile failed")
         print(f"compile in a container: {time.monotonic() - start:.1f} s (dataset built on first use, then 3 steps)",
