@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 import click
 
 from llama3_hyperpod import __version__
-from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
+from llama3_hyperpod.cluster import BACKENDS
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
-from llama3_hyperpod.plan import Plan, build_plan
+from llama3_hyperpod.plan import Plan, make_plan
 from llama3_hyperpod.writable import require_writable_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,14 +75,6 @@ def plan_options(func: F) -> F:
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
-
-
-def make_plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
-              nxdt_examples: str | None, require_data: bool = False) -> Plan:
-    if not config.is_file():
-        raise ConfigError(str(config), "config file not found")
-    return build_plan(config, overrides, detect_accelerator(backend), run_name=run_name, output_dir=output_dir,
-                      nxdt_examples=nxdt_examples, require_data=require_data)
 
 
 def plan_for_this_machine(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,

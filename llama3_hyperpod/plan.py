@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from llama3_hyperpod import schema
-from llama3_hyperpod.cache.seed import runtime_cache_dir
-from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env
+from llama3_hyperpod.cache.seed import ENV_RUNTIME_DIR
+from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env, detect_accelerator
 from llama3_hyperpod.config import ConfigError, RunConfig, check_run_name, load_config, tokenizer_path
 from llama3_hyperpod.data.default import default_name
+from llama3_hyperpod.graphkey import graph_fields_from_config
 from llama3_hyperpod.launchspec import Launch, split_env
 from llama3_hyperpod.memory import MemoryEstimate, estimate_memory, flops_per_token, layers_per_stage
 from llama3_hyperpod.neuron import devices as neuron_devices
 from llama3_hyperpod.neuron import launch as neuron_launch
 from llama3_hyperpod.overrides import assignment
 
-__all__ = ["Launch", "LayoutReport", "Plan", "build_plan", "checkpoint_policy", "default_data_root"]
+__all__ = ["Launch", "LayoutReport", "Plan", "build_plan", "checkpoint_policy", "default_data_root", "make_plan",
+           "runtime_cache_dir"]
 
 DEFAULT_NXDT_EXAMPLES = neuron_launch.DEFAULT_NXDT_EXAMPLES
 TORCH_TRAIN_MODULE = "llama3_hyperpod.torch_backend.train"
@@ -79,6 +81,7 @@ class Plan:
     nxdt_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per mode: what NxDT's orchestrator will set
     checkpoints: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    graph: dict[str, Any] = field(default_factory=dict)  # graphkey.graph_fields_from_config: the compile cache's key
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,7 +222,33 @@ def build_plan(
         nxdt_env=nxdt_env,
         checkpoints=checkpoints,
         warnings=warnings,
+        graph=graph_fields_from_config(rc, backend=accelerator.backend, device=accelerator.device,
+                                       threads=_launch_threads(commands), cc_flags=cc_flags),
     )
+
+
+def make_plan(config: Path, overrides: Sequence[str], backend: str, run_name: str | None, output_dir: str,
+              nxdt_examples: str | None, require_data: bool = False) -> Plan:
+    """build_plan for a command line: the backend by name (auto: detected), a missing CONFIG one line."""
+    if not config.is_file():
+        raise ConfigError(str(config), "config file not found")
+    return build_plan(config, overrides, detect_accelerator(backend), run_name=run_name, output_dir=output_dir,
+                      nxdt_examples=nxdt_examples, require_data=require_data)
+
+
+def runtime_cache_dir(configured: str, env: Mapping[str, str] | None = None) -> str:
+    """The run-time cache dir: L3HP_CACHE_DIR when set (node-local disk), else the config's compiler_cache_url."""
+    env = dict(os.environ if env is None else env)
+    return env.get(ENV_RUNTIME_DIR) or configured
+
+
+def _launch_threads(commands: Mapping[str, Launch]) -> int | None:
+    """OMP threads per rank the train launch will have (ours or the user's): part of Inductor's CPU cache key."""
+    launch = commands.get("train")
+    if launch is None:
+        return None
+    value = launch.env.get("OMP_NUM_THREADS") or launch.env_kept.get("OMP_NUM_THREADS")
+    return int(value) if value and value.isdigit() else None
 
 
 def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[str]) -> dict[str, Any]:

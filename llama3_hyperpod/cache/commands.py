@@ -104,7 +104,7 @@ def verify_cmd(config: Path, overrides: tuple[str, ...], backend: str, run_name:
     """
     with _user_errors():
         from llama3_hyperpod.cache.verify import verify
-        from llama3_hyperpod.cli import make_plan
+        from llama3_hyperpod.plan import make_plan
 
         plan = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
         verdict = verify(plan, cache_dir)
