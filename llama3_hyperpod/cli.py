@@ -1,9 +1,8 @@
-"""The command line: parse, call, and turn bad input into one line and exit code 2. No logic lives here."""
+"""The command line: parse options, plan, call; bad input ends in one line and exit 2 (errors.py)."""
 
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import sys
@@ -16,30 +15,11 @@ import click
 
 from llama3_hyperpod import __version__
 from llama3_hyperpod.cluster import BACKENDS
-from llama3_hyperpod.config import ConfigError
-from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
+from llama3_hyperpod.errors import ConfigError, fail, user_errors
 from llama3_hyperpod.plan import Plan, make_plan
 from llama3_hyperpod.writable import require_writable_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(key: str, message: str) -> None:
-    click.echo(f"error: {key}: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def user_errors(func: F) -> F:
-    """Report ConfigError as one line + exit 2; anything else is a bug and keeps its traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ConfigError as exc:
-            fail(exc.key, exc.message)
-
-    return wrapper  # type: ignore[return-value]
 
 
 class UserErrorGroup(click.Group):
@@ -112,7 +92,7 @@ def main() -> None:
 @main.command()
 @plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of tables.")
-@user_errors
+@user_errors()
 def plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
          nxdt_examples: str | None, as_json: bool) -> None:
     """Show what `compile` and `train` would run on this node: layout, memory per device, FLOPs, commands, env.
@@ -176,7 +156,7 @@ def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, 
 def _launch_locked(mode: str, result: Plan, launch: Any, run_dir: Path, node_rank: int,
                    lock: Any) -> tuple[int, bool, float]:
     """Everything a launch does once the run dir is ours: checks that refuse in one line, then the run itself."""
-    from llama3_hyperpod.exitcodes import requeue_marker
+    from llama3_hyperpod.errors import requeue_marker
     from llama3_hyperpod.fsutil import write_text
     from llama3_hyperpod.launch import check_port_free, run
 
@@ -237,7 +217,7 @@ def seed_baked_cache(runtime: Path) -> None:
 @main.command(name="compile")
 @plan_options
 @click.option("--dry-run", is_flag=True, help="Print the command line and env, run nothing.")
-@user_errors
+@user_errors()
 def compile_(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
              nxdt_examples: str | None, dry_run: bool) -> None:
     """Fill the compiled-graph cache: neuron_parallel_compile + NxDT on Trainium, a few torch.compile steps elsewhere.
@@ -250,7 +230,7 @@ def compile_(config: Path, overrides: tuple[str, ...], backend: str, run_name: s
 @main.command()
 @plan_options
 @click.option("--dry-run", is_flag=True, help="Print the command line and env, run nothing.")
-@user_errors
+@user_errors()
 def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
           nxdt_examples: str | None, dry_run: bool) -> None:
     """Train: one torchrun per node running NxDT (neuron) or the project's trainer (torch); exit code passed through."""
@@ -262,7 +242,7 @@ def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str 
 @click.option("--mode", type=click.Choice(["train", "compile"]), default="train", show_default=True,
               help="The job step this node is about to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON instead of lines.")
-@user_errors
+@user_errors()
 def preflight(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
               nxdt_examples: str | None, mode: str, as_json: bool) -> None:
     """Check that this node can run the plan: devices, versions, network, disks, compile cache. Starts nothing.
@@ -280,7 +260,7 @@ def preflight(config: Path, overrides: tuple[str, ...], backend: str, run_name: 
 @click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
 @plan_options
 @click.option("--dry-run", is_flag=True, help="Check everything and print every step, write nothing.")
-@user_errors
+@user_errors()
 def checkpoint_import(hf_dir: Path, config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
                       output_dir: str, nxdt_examples: str | None, dry_run: bool) -> None:
     """Start the run from a Hugging Face Llama folder (config.json + safetensors, sharded or not, + tokenizer).

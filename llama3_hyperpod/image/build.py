@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama3_hyperpod.errors import EXIT_BAD_INPUT
 from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
 
 # The build context's wheelhouse: the Dockerfile bind-mounts this fixed path (dockerd 20.10's BuildKit does not expand
@@ -478,7 +479,7 @@ def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print)
             enroot_import(engine, req.tag, req.sqsh, emit)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -259,7 +259,7 @@ def remove(name: str) -> int:
     """Remove this node's named container (`pyxis_NAME`), like `enroot remove -f`; says what it did."""
     if not name or "/" in name:
         print(f"error: invalid container name {name!r}", file=sys.stderr)
-        return 2
+        return 2  # errors.EXIT_BAD_INPUT: this script runs as a file, without the package
     target = data_dir() / f"pyxis_{name}"
     if target.is_dir():
         shutil.rmtree(target)

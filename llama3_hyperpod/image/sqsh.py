@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                   tmpdir=Path(ns.tmpdir) if ns.tmpdir else None, force=ns.force)
     except SqshError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2  # errors.EXIT_BAD_INPUT: this script runs as a file, without the package
     print(f"done: use IMAGE={Path(ns.output).absolute()} with enroot/train.sbatch and enroot/compile.sbatch")
     return 0
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from llama3_hyperpod.errors import fail, user_errors
+
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 SMOKE_MIN_DROP = 1.0  # nats: the tiny model on real text falls by several within 30 steps
 
@@ -47,24 +49,19 @@ def smoke(ctx: click.Context, config: Path | None, steps: int, device: str, outp
 
         sys.exit(smoke_command(config, steps, output_dir, overrides, dry_run))
     if dry_run:
-        click.echo("error: --dry-run: the torch smoke trains in this process, there is no launch to print", err=True)
-        sys.exit(2)
+        fail("--dry-run", "the torch smoke trains in this process, there is no launch to print")
     config = config or TINY_CONFIG
     import torch
 
-    from llama3_hyperpod.config import ConfigError
     from llama3_hyperpod.writable import writable_or_temporary
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    try:
+    with user_errors():
         explicit = ctx.get_parameter_source("output_dir") is not click.core.ParameterSource.DEFAULT
         output_dir, note = writable_or_temporary(output_dir, "--output-dir", explicit=explicit, purpose="runs")
         if note:
             click.echo(f"smoke: {note}", err=True)
         code = _run_smoke(config, steps, dev, output_dir, overrides)
-    except ConfigError as exc:
-        click.echo(f"error: {exc.key}: {exc.message}", err=True)
-        sys.exit(2)
     sys.exit(code)
 
 
@@ -116,18 +113,12 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
               help="PNG to write (default: RUN_DIR/report.png).")  # fmt: skip
 def report(run_dir: Path, output: Path | None) -> None:
     """Plot loss, learning rate and tokens/s per step from RUN_DIR/metrics.jsonl into a PNG."""
-    from llama3_hyperpod.config import ConfigError
-
     target = output or run_dir / "report.png"
     try:
-        out = render_report(run_dir, target)
-    except ConfigError as exc:
-        click.echo(f"error: {exc.key}: {exc.message}", err=True)
-        sys.exit(2)
+        with user_errors():
+            out = render_report(run_dir, target)
     except OSError as exc:
-        click.echo(f"error: --output: cannot write {target} ({exc.strerror or exc}): set --output to a writable "
-                   "file", err=True)
-        sys.exit(2)
+        fail("--output", f"cannot write {target} ({exc.strerror or exc}): set --output to a writable file")
     click.echo(str(out))
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from llama3_hyperpod.config import load_config
-from llama3_hyperpod.exitcodes import EXIT_REQUEUE, REQUEUE_MARKER
+from llama3_hyperpod.errors import EXIT_REQUEUE, REQUEUE_MARKER
 from llama3_hyperpod.runlock import LOCK_NAME, read_holder
 from llama3_hyperpod.torch_backend import train as train_module
 from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS, complete_checkpoints, list_step_dirs, problem
