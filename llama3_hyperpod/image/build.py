@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llama3_hyperpod.errors import EXIT_BAD_INPUT
+from llama3_hyperpod.fsutil import sha256_file
 from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
 
 # The build context's wheelhouse: the Dockerfile bind-mounts this fixed path (dockerd 20.10's BuildKit does not expand
@@ -75,7 +76,7 @@ def files_sha256(files: dict[str, Path]) -> str:
     digest = hashlib.sha256()
     for rel in sorted(files):
         digest.update(rel.encode() + b"\0")
-        digest.update(hashlib.sha256(files[rel].read_bytes()).digest())
+        digest.update(bytes.fromhex(sha256_file(files[rel])))
     return digest.hexdigest()
 
 
@@ -204,7 +205,7 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
     labels = {
         "org.opencontainers.image.revision": git_commit(context),
         "io.llama3-hyperpod.cache-manifest-sha256": files_sha256(baked_cache_files(context, cache)),
-        "io.llama3-hyperpod.lock-sha256": hashlib.sha256((context / "requirements.lock").read_bytes()).hexdigest(),
+        "io.llama3-hyperpod.lock-sha256": sha256_file(context / "requirements.lock"),
     }
     if ns.flavor == "cpu":  # the neuron stage labels its own pins; the cpu image's torch is the lock's
         pins = re.search(r"^torch==(\S+)", (context / "requirements.lock").read_text(), flags=re.MULTILINE)
