@@ -52,10 +52,6 @@ class PlannedCompile(Protocol):
 # ------------------------------------------------------------------------------------------------------ toolchain
 
 
-def _installed(dist: str) -> str | None:
-    return installed_version(dist)
-
-
 def _pinned_neuron() -> dict[str, Any]:
     """The pip pins of the versions file in effect (the checkout's, or the one baked into the image)."""
     try:
@@ -73,18 +69,18 @@ def toolchain(backend: str) -> dict[str, Any]:
     """
     if backend == "neuron":
         pins = _pinned_neuron()
-        installed = _installed("neuronx-cc")
+        installed = installed_version("neuronx-cc")
         out: dict[str, Any] = {
             "compiler": "neuronx-cc",
             "compiler_version": installed or pins.get("neuronx-cc") or "unknown",
             "source": "installed" if installed else ("pinned" if pins.get("neuronx-cc") else "unknown"),
         }
         for dist in NEURON_STACK:
-            out[dist] = _installed(dist) if installed else pins.get(dist)
+            out[dist] = installed_version(dist) if installed else pins.get(dist)
         return out
-    torch_version = _installed("torch") or "unknown"
+    torch_version = installed_version("torch") or "unknown"
     out = {"compiler": "inductor", "compiler_version": torch_version, "source": "installed"}
-    triton = _installed("triton") or _installed("pytorch-triton")
+    triton = installed_version("triton") or installed_version("pytorch-triton")
     if triton:
         out["triton"] = triton
     return out
