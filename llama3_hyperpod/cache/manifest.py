@@ -207,17 +207,20 @@ def update_manifest(root: Path, record: dict[str, Any]) -> Path:
     with manifest_lock(root):
         old = read_manifest(root) or {}
         compiles = [c for c in old.get("compiles", []) if c.get("key") != record["key"]] + [record]
-        files = listing(root, old.get("files"))
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "layout": layout_of(root),
-            "updated": now_iso(),
-            "compiles": compiles,
-            "total_bytes": sum(f["size"] for f in files),
-            "files": files,
-        }
-        path = manifest_path(root)
-        write_json_atomic(path, data)
+        return _rewrite(root, compiles, listing(root, old.get("files")))
+
+
+def _rewrite(root: Path, compiles: list[dict[str, Any]], files: list[dict[str, Any]]) -> Path:
+    """Write the whole manifest (call under manifest_lock): the records and the fresh listing."""
+    path = manifest_path(root)
+    write_json_atomic(path, {
+        "schema_version": SCHEMA_VERSION,
+        "layout": layout_of(root),
+        "updated": now_iso(),
+        "compiles": compiles,
+        "total_bytes": sum(f["size"] for f in files),
+        "files": files,
+    })
     return path
 
 
@@ -240,12 +243,4 @@ def merge_manifest(root: Path, other: dict[str, Any]) -> None:
         old = read_manifest(root) or {}
         keys = {c.get("key") for c in old.get("compiles", [])}
         compiles = old.get("compiles", []) + [r for r in other.get("compiles", []) if r.get("key") not in keys]
-        files = listing(root, [*other.get("files", []), *old.get("files", [])])
-        write_json_atomic(manifest_path(root), {
-            "schema_version": SCHEMA_VERSION,
-            "layout": layout_of(root),
-            "updated": now_iso(),
-            "compiles": compiles,
-            "total_bytes": sum(f["size"] for f in files),
-            "files": files,
-        })
+        _rewrite(root, compiles, listing(root, [*other.get("files", []), *old.get("files", [])]))

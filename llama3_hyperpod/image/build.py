@@ -3,6 +3,7 @@
 The Docker SDK talks to Docker Engine (DOCKER_HOST or the default socket) and to podman's Docker-compatible API
 (`podman system service`), so the same tool works on a workstation and on a daemon-less CI machine.
 Errors for users are one line; bad input exits 2, a failed build/push/import exits 1.
+Over 400 lines: one tool (context, build, push, import) whose steps share the request and the client.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ root remapping. podman adds `container` and `HOSTNAME` to the environment; they 
 
 Settings (environment): L3HP_PODMAN_DATA_PATH (the data dir; a subdir per Slurm node), L3HP_PODMAN_UID/GID,
 ENROOT_LOGIN_SHELL, ENROOT_ROOTFS_WRITABLE (as enroot reads them: the environment wins, enroot.in:27-29).
-Standard library only; runs as root (podman --rootfs).
+Standard library only; runs as root (podman --rootfs). Over 400 lines: a standalone script (run as a file, no
+package imports), so what pyxis and enroot do is reproduced here in one piece.
 """
 
 from __future__ import annotations

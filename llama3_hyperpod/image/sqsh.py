@@ -23,6 +23,8 @@ whiteouts. Standard library only: import.sh runs it with the login node's python
     python3 sqsh.py podman://IMAGE[:TAG] OUT.sqsh
     python3 sqsh.py dockerd://IMAGE[:TAG] OUT.sqsh
     python3 sqsh.py ARCHIVE.tar OUT.sqsh
+
+Over 400 lines: a standalone script (run as a file by enroot/import.sh, no package imports).
 """
 
 from __future__ import annotations

@@ -104,3 +104,13 @@ def test_find_cycle_finds_one() -> None:
 def test_nothing_below_the_command_line_imports_it() -> None:
     offenders = sorted(m for m, edges in import_graph().items() if m.startswith(BELOW_CLI) and CLI in edges)
     assert not offenders, f"{', '.join(offenders)} import {CLI}: move what they need below it (plan.py, errors.py)"
+
+
+def test_the_cache_reads_plain_data() -> None:
+    """The cache's core takes what the plan carries: it imports neither the plan, the config nor the image tools."""
+    upward = (f"{PACKAGE}.plan", f"{PACKAGE}.config", f"{PACKAGE}.image")
+    graph = import_graph()
+    offenders = sorted(f"{m} -> {e}" for m, edges in graph.items()
+                       if m.startswith(f"{PACKAGE}.cache.") and m != f"{PACKAGE}.cache.commands"
+                       for e in edges if e.startswith(upward))
+    assert not offenders, offenders
