@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama3_hyperpod.image import ci
+from tests import image_ci as ci
 
 TARGET = 0.15
 COLD_TAG = "localhost/llama3-hyperpod:cpu-bench-nocache"
