@@ -74,7 +74,9 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
     from llama3_hyperpod.torch_backend.train import train
 
     base = [f"trainer.max_steps={steps}", "trainer.devices=1", "trainer.num_nodes=1", *overrides]
-    plan = build_plan(config, base, detect_accelerator(f"torch-{device}"),
+    # one process on this node: a Slurm allocation around it (srun smoke) does not shape the plan
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    plan = build_plan(config, base, detect_accelerator(f"torch-{device}"), env,
                       run_name=f"smoke-{time.strftime('%Y%m%d-%H%M%S')}", output_dir=output_dir)
     assert plan.train_dir is not None  # the torch plan falls back to the embedded default dataset
     if plan.uses_default_dataset:

@@ -56,9 +56,9 @@ def test_smoke_plans_like_train_and_honours_the_run_time_cache_dir(tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR" and not k.startswith("SLURM_")}
     env |= {"L3HP_CACHE_DIR": str(runtime), "OMP_NUM_THREADS": "2"}
 
-    def run_smoke() -> subprocess.CompletedProcess[str]:
+    def run_smoke(extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, str(REPO / "entrypoint.py"), *args], capture_output=True, text=True,
-                              env=env, cwd=REPO, timeout=900, check=False)
+                              env=env | (extra or {}), cwd=REPO, timeout=900, check=False)
 
     cold = run_smoke()
     assert "summary:" in cold.stdout, cold.stdout + cold.stderr
@@ -66,7 +66,10 @@ def test_smoke_plans_like_train_and_honours_the_run_time_cache_dir(tmp_path: Pat
     assert not configured.exists(), "the config's compiler_cache_url was written although L3HP_CACHE_DIR is set"
     assert f"cache {runtime / 'inductor'}" in cold.stdout
 
-    warm = run_smoke()
+    # inside a 2-node allocation (srun smoke on node 1): smoke is still one process on this node
+    warm = run_smoke({"SLURM_JOB_NODELIST": "l3hp-absent[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+                      "SLURM_JOB_ID": "7"})
+    assert warm.returncode == 0, warm.stdout + warm.stderr
     counters = re.search(r"fx graph hit (\d+) miss (\d+)", warm.stdout)
     assert counters, warm.stdout + warm.stderr
     assert int(counters.group(1)) > 0 and int(counters.group(2)) == 0, counters.group(0)
