@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama3_hyperpod.image import ci
+from tests import image_ci as ci
 
 TARGET = 0.05
 TAG = "localhost/llama3-hyperpod:cpu-bench"

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.train_throughput import HF as BENCH_SHAPE  # noqa: E402
-from llama3_hyperpod.torch_backend.data import write_byte_text_dataset  # noqa: E402
+from tests.token_data import write_byte_text_dataset  # noqa: E402
 
 SUMMARY = re.compile(r"peak mem ([\d.]+) GiB \((\w+)\) vs plan's estimate ([\d.]+) GiB \(([-+]\d+)%\)")
 TINY = ROOT / "configs" / "tiny_cpu.yaml"

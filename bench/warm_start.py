@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import Stat, measured, rotated
-from llama3_hyperpod.image import ci
+from tests import image_ci as ci
 
 TARGET = 0.15
 BASE_TAG = os.environ.get("L3HP_CI_IMAGE_TAG", "localhost/llama3-hyperpod:cpu")

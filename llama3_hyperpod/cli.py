@@ -1,9 +1,8 @@
-"""The command line: parse, call, and turn bad input into one line and exit code 2. No logic lives here."""
+"""The command line: parse options, plan, call; bad input ends in one line and exit 2 (errors.py)."""
 
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import sys
@@ -15,31 +14,12 @@ from typing import Any, TypeVar
 import click
 
 from llama3_hyperpod import __version__
-from llama3_hyperpod.cluster import BACKENDS, detect_accelerator
-from llama3_hyperpod.config import ConfigError
-from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
-from llama3_hyperpod.plan import Plan, build_plan
+from llama3_hyperpod.cluster import BACKENDS
+from llama3_hyperpod.errors import ConfigError, fail, user_errors
+from llama3_hyperpod.plan import Plan, make_plan
 from llama3_hyperpod.writable import require_writable_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(key: str, message: str) -> None:
-    click.echo(f"error: {key}: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def user_errors(func: F) -> F:
-    """Report ConfigError as one line + exit 2; anything else is a bug and keeps its traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ConfigError as exc:
-            fail(exc.key, exc.message)
-
-    return wrapper  # type: ignore[return-value]
 
 
 class UserErrorGroup(click.Group):
@@ -77,23 +57,15 @@ def plan_options(func: F) -> F:
     return func
 
 
-def make_plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
-              nxdt_examples: str | None, require_data: bool = False) -> Plan:
-    if not config.is_file():
-        raise ConfigError(str(config), "config file not found")
-    return build_plan(config, overrides, detect_accelerator(backend), run_name=run_name, output_dir=output_dir,
-                      nxdt_examples=nxdt_examples, require_data=require_data)
-
-
 def plan_for_this_machine(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
                           output_dir: str, nxdt_examples: str | None) -> Plan:
     """`plan` with --backend auto on a machine without NeuronCores (a login node, a laptop): a config that cannot run
     on this CPU is planned for Trainium instead, with a warning saying so, rather than refused for CPU memory."""
-    result = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
-    if backend != "auto" or result.backend != "torch" or result.device != "cpu" or result.memory.fits is not False:
-        return result
+    planned = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
+    if backend != "auto" or planned.backend != "torch" or planned.device != "cpu" or planned.memory.fits is not False:
+        return planned
     neuron = make_plan(config, overrides, "neuron", run_name, output_dir, nxdt_examples)
-    neuron.warnings.insert(0, f"no NeuronCores here and this config needs {result.memory.total / 2**30:.1f} GiB per "
+    neuron.warnings.insert(0, f"no NeuronCores here and this config needs {planned.memory.total / 2**30:.1f} GiB per "
                               f"CPU rank: planned for {neuron.instance} (--backend torch-cpu plans for this CPU)")
     return neuron
 
@@ -120,111 +92,111 @@ def main() -> None:
 @main.command()
 @plan_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of tables.")
-@user_errors
+@user_errors()
 def plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
          nxdt_examples: str | None, as_json: bool) -> None:
     """Show what `compile` and `train` would run on this node: layout, memory per device, FLOPs, commands, env.
 
     Exits 2 when the memory estimate does not fit the device.
     """
-    result = plan_for_this_machine(config, overrides, backend, run_name, output_dir, nxdt_examples)
+    planned = plan_for_this_machine(config, overrides, backend, run_name, output_dir, nxdt_examples)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps(planned.to_dict(), indent=2))
     else:
         from llama3_hyperpod.console import stdout_console
         from llama3_hyperpod.report import render_plan
 
-        render_plan(result, stdout_console())
-    check_memory(result)
+        render_plan(planned, stdout_console())
+    check_memory(planned)
 
 
-def prepare_torch_data(result: Plan) -> None:
+def prepare_torch_data(planned: Plan) -> None:
     """Build the embedded default dataset when no data is configured; refuse data made for another model."""
     from llama3_hyperpod.data.check import check_dataset_matches
     from llama3_hyperpod.data.default import ensure_default_dataset
 
-    assert result.train_dir is not None
-    seq_len, vocab = result.model["seq_len"], result.model["vocab_size"]
-    if result.uses_default_dataset:
-        built = ensure_default_dataset(Path(result.train_dir).parent, seq_len=seq_len, vocab_size=vocab)
-        assert str(built.resolve()) == result.train_dir, (built, result.train_dir)
-    tokenizer = Path(result.tokenizer) if result.tokenizer else None
-    check_dataset_matches(Path(result.train_dir), seq_len=seq_len, vocab_size=vocab, tokenizer_path=tokenizer)
+    assert planned.train_dir is not None
+    seq_len, vocab = planned.model["seq_len"], planned.model["vocab_size"]
+    if planned.uses_default_dataset:
+        built = ensure_default_dataset(Path(planned.train_dir).parent, seq_len=seq_len, vocab_size=vocab)
+        assert str(built.resolve()) == planned.train_dir, (built, planned.train_dir)
+    tokenizer = Path(planned.tokenizer) if planned.tokenizer else None
+    check_dataset_matches(Path(planned.train_dir), seq_len=seq_len, vocab_size=vocab, tokenizer_path=tokenizer)
 
 
 def _execute(mode: str, config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
              output_dir: str, nxdt_examples: str | None, dry_run: bool) -> None:
-    result = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples, require_data=True)
-    check_memory(result)
-    launch = result.commands[mode]
+    planned = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples, require_data=True)
+    check_memory(planned)
+    launch = planned.commands[mode]
     if dry_run:
         click.echo(launch.shell())
         return
     from llama3_hyperpod import runlock
 
     require_writable_dir(Path(output_dir), "--output-dir")
-    run_dir = Path(result.run_dir)
-    node_rank = result.cluster["node_rank"]
+    run_dir = Path(planned.run_dir)
+    node_rank = planned.cluster["node_rank"]
     run_dir.mkdir(parents=True, exist_ok=True)
     # Node 0 owns the run dir for the run's life (torchrun inherits the lock); other nodes of the job never take it.
     lock = runlock.acquire(run_dir, purpose=mode) if node_rank == 0 else None
     try:
-        code, cache_is_local, start = _launch_locked(mode, result, launch, run_dir, node_rank, lock)
+        code, cache_is_local, start = _launch_locked(mode, planned, launch, run_dir, node_rank, lock)
     finally:
         if lock is not None:
             lock.release()
     if mode == "compile" and code == 0 and cache_is_local:
         from llama3_hyperpod.cache.manifest import write_manifest
 
-        written = write_manifest(result.compile_cache_dir, result, compile_seconds=time.monotonic() - start)
+        written = write_manifest(planned.compile_cache_dir, planned, compile_seconds=time.monotonic() - start)
         click.echo(f"compile: cache manifest {written}", err=True)
     sys.exit(code)
 
 
-def _launch_locked(mode: str, result: Plan, launch: Any, run_dir: Path, node_rank: int,
+def _launch_locked(mode: str, planned: Plan, launch: Any, run_dir: Path, node_rank: int,
                    lock: Any) -> tuple[int, bool, float]:
     """Everything a launch does once the run dir is ours: checks that refuse in one line, then the run itself."""
-    from llama3_hyperpod.exitcodes import requeue_marker
+    from llama3_hyperpod.errors import requeue_marker
     from llama3_hyperpod.fsutil import write_text
     from llama3_hyperpod.launch import check_port_free, run
 
     if node_rank == 0:  # the rendezvous store listens here; a taken port is otherwise a torchrun traceback
-        check_port_free(int(result.cluster["master_port"]))
-    if result.backend == "torch":  # NxDT reads its data itself; for our trainer we check (and make) it first
+        check_port_free(int(planned.cluster["master_port"]))
+    if planned.backend == "torch":  # NxDT reads its data itself; for our trainer we check (and make) it first
         from llama3_hyperpod.torch_backend.checkpoint_files import CHECKPOINTS, check_identity
         from llama3_hyperpod.torch_backend.rundir import refuse_links_in
 
         refuse_links_in(run_dir)
         if mode == "train":
-            check_identity(run_dir / CHECKPOINTS, result.checkpoints["identity"])
-        prepare_torch_data(result)
-    if result.backend == "neuron":
+            check_identity(run_dir / CHECKPOINTS, planned.checkpoints["identity"])
+        prepare_torch_data(planned)
+    if planned.backend == "neuron":
         Path(launch.cwd).mkdir(parents=True, exist_ok=True)
         if mode == "train":
-            pin_neuron_resume(result)
-    write_text(run_dir / f"plan-{mode}-node{node_rank}.json", json.dumps(result.to_dict(), indent=2))
-    cache_is_local = not result.compile_cache_dir.startswith("s3://")
+            pin_neuron_resume(planned)
+    write_text(run_dir / f"plan-{mode}-node{node_rank}.json", json.dumps(planned.to_dict(), indent=2))
+    cache_is_local = not planned.compile_cache_dir.startswith("s3://")
     if cache_is_local:
-        seed_baked_cache(Path(result.compile_cache_dir))
+        seed_baked_cache(Path(planned.compile_cache_dir))
     if mode == "train":
         from llama3_hyperpod.cache.verify import verify
 
-        verdict = verify(result)
+        verdict = verify(planned)
         if verdict.status in ("miss", "unknown"):
             click.echo(f"warning: {verdict.message()}", err=True)
     start = time.monotonic()
-    code = run(launch, result.rlimits, requeue_marker=requeue_marker(run_dir, node_rank),
+    code = run(launch, planned.rlimits, requeue_marker=requeue_marker(run_dir, node_rank),
                keep_fds=[lock.fd] if lock is not None else [])
     return code, cache_is_local, start
 
 
-def pin_neuron_resume(result: Plan) -> None:
+def pin_neuron_resume(planned: Plan) -> None:
     """Say which checkpoint NxDT resumes from (the plan pinned it) and, on node 0, move incomplete newer ones aside
     so neither NxDT's newest-by-mtime rule nor a later save can use them."""
     from llama3_hyperpod.neuron import checkpoints
 
-    ckpt = result.checkpoints
-    if result.cluster["node_rank"] == 0 and ckpt.get("incomplete_newer"):
+    ckpt = planned.checkpoints
+    if planned.cluster["node_rank"] == 0 and ckpt.get("incomplete_newer"):
         checkpoints.move_aside(checkpoints.choose(Path(ckpt["dir"])), Path(ckpt["dir"]))
     click.echo(f"resume: {ckpt.get('resume', 'no checkpoint')}", err=True)
 
@@ -245,7 +217,7 @@ def seed_baked_cache(runtime: Path) -> None:
 @main.command(name="compile")
 @plan_options
 @click.option("--dry-run", is_flag=True, help="Print the command line and env, run nothing.")
-@user_errors
+@user_errors()
 def compile_(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
              nxdt_examples: str | None, dry_run: bool) -> None:
     """Fill the compiled-graph cache: neuron_parallel_compile + NxDT on Trainium, a few torch.compile steps elsewhere.
@@ -258,7 +230,7 @@ def compile_(config: Path, overrides: tuple[str, ...], backend: str, run_name: s
 @main.command()
 @plan_options
 @click.option("--dry-run", is_flag=True, help="Print the command line and env, run nothing.")
-@user_errors
+@user_errors()
 def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
           nxdt_examples: str | None, dry_run: bool) -> None:
     """Train: one torchrun per node running NxDT (neuron) or the project's trainer (torch); exit code passed through."""
@@ -270,7 +242,7 @@ def train(config: Path, overrides: tuple[str, ...], backend: str, run_name: str 
 @click.option("--mode", type=click.Choice(["train", "compile"]), default="train", show_default=True,
               help="The job step this node is about to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON instead of lines.")
-@user_errors
+@user_errors()
 def preflight(config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None, output_dir: str,
               nxdt_examples: str | None, mode: str, as_json: bool) -> None:
     """Check that this node can run the plan: devices, versions, network, disks, compile cache. Starts nothing.
@@ -288,7 +260,7 @@ def preflight(config: Path, overrides: tuple[str, ...], backend: str, run_name: 
 @click.argument("hf_dir", type=click.Path(file_okay=False, path_type=Path))
 @plan_options
 @click.option("--dry-run", is_flag=True, help="Check everything and print every step, write nothing.")
-@user_errors
+@user_errors()
 def checkpoint_import(hf_dir: Path, config: Path, overrides: tuple[str, ...], backend: str, run_name: str | None,
                       output_dir: str, nxdt_examples: str | None, dry_run: bool) -> None:
     """Start the run from a Hugging Face Llama folder (config.json + safetensors, sharded or not, + tokenizer).

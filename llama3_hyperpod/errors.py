@@ -1,8 +1,22 @@
-"""The user-error type and the exit codes every command shares (the bottom of the import graph: imports nothing)."""
+"""The user-error type, the exit codes and the one wrapper that turns a user error into its line and exit 2.
+
+The bottom of the import graph: imports nothing of the package, so every layer may raise ConfigError. Exit codes
+have a meaning outside this program (the sbatch scripts read them): enroot/job.sh repeats 85. The standalone
+scripts that run without the package (image/lockfilter.py, image/sqsh.py, image/pyxis_podman.py, run as files)
+cannot import this and say 2 themselves.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
 EXIT_BAD_INPUT = 2  # bad config, override or environment: one line on stderr names the key
+EXIT_REQUEUE = 85  # a checkpoint was saved on SIGTERM/SIGUSR1: requeue the job and it resumes from there
+REQUEUE_MARKER = ".requeue"  # written in the run dir by the trainer when it checkpointed and exits for a requeue
 
 
 class ConfigError(Exception):
@@ -22,3 +36,30 @@ _LINE_BREAKS = str.maketrans({c: c.encode("unicode_escape").decode()
 
 def _one_line(text: str) -> str:
     return text.translate(_LINE_BREAKS)
+
+
+def report_bad_input(key: str, message: str) -> int:
+    """Say a user error as its one line on stderr; returns EXIT_BAD_INPUT for a main() to return."""
+    print(f"error: {_one_line(key)}: {_one_line(message)}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def fail(key: str, message: str) -> NoReturn:
+    """End the command on a user error: one line on stderr, exit 2."""
+    sys.exit(report_bad_input(key, message))
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A ConfigError raised inside ends the command in one line and exit 2; anything else is a bug and keeps its
+    traceback. A with-block or a decorator (`@user_errors()`)."""
+    try:
+        yield
+    except ConfigError as exc:
+        fail(exc.key, exc.message)
+
+
+def requeue_marker(run_dir: Path, node_rank: int) -> Path:
+    """One marker per node: each node's launcher reads and removes its own, so nodes sharing a run dir do not race
+    (with one shared marker, the first node's launcher consumed it and the others reported torchrun's exit 1)."""
+    return Path(run_dir) / f"{REQUEUE_MARKER}-node{node_rank}"

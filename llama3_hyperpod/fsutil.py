@@ -1,23 +1,30 @@
-"""Writing files without following symbolic links out of the project's own dirs, and saying so in one line.
+"""Files, the one place for it: atomic writes that never follow links, sha256 digests, exclusive flocks.
 
 The project writes into dirs it owns (a run dir, a dataset folder, a run-time cache, an export folder). A link
 planted in one of them (`metrics.jsonl -> ~/.bashrc`, `checkpoints -> /data`) must not redirect a write or a
 delete. So: final files are written to a fresh temp name (O_CREAT | O_EXCL | O_NOFOLLOW) and renamed over the
 target, which replaces a link instead of writing through it; appends open with O_NOFOLLOW; and the dirs we
 write into are checked component by component below their root (`refuse_links`).
+
+Digests (`sha256_file`, `sha256_json`) and the advisory lock (`locked`) live here too, so that every cache, dataset
+and image helper hashes and locks the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
+import json
 import os
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from llama3_hyperpod.config import ConfigError
+from llama3_hyperpod.errors import ConfigError
 
 
 class PathError(ConfigError):
@@ -95,3 +102,43 @@ def is_inside(path: Path, roots: Iterable[Path]) -> Path | None:
         if resolved == r or r in resolved.parents:
             return root
     return None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (what `sha256sum` prints), read in blocks: bounded memory, the GIL released."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hex sha256 of `obj` as canonical JSON (sorted keys, no spaces): equal data, equal hash, on every machine."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+class LockTimeoutError(TimeoutError):
+    """`locked` waited its whole timeout."""
+
+
+@contextlib.contextmanager
+def locked(path: Path, timeout: float | None = None) -> Iterator[float]:
+    """Hold an exclusive flock on `path` (made if missing) for the block; yields the seconds waited.
+
+    Without a timeout it waits as long as it takes; with one it raises LockTimeoutError once `timeout` seconds passed.
+    """
+    start = time.monotonic()
+    with path.open("a") as fh:
+        if timeout is None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        else:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() - start > timeout:
+                        raise LockTimeoutError(f"{path}: still locked after {timeout:.0f} s") from None
+                    time.sleep(0.05)
+        try:
+            yield time.monotonic() - start
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 
 from llama3_hyperpod.config import ConfigError
-from llama3_hyperpod.exitcodes import EXIT_REQUEUE
+from llama3_hyperpod.errors import EXIT_REQUEUE
 from llama3_hyperpod.plan import Launch
 from llama3_hyperpod.procs import preexec_die_with_parent, take_early
 

@@ -1,7 +1,8 @@
-"""The plan: a pure function from (config, environment, accelerator) to plain data.
+"""The plan: a function from (config, environment, accelerator) to plain data; it reads files, writes nothing.
 
 `entrypoint.py plan` prints it; `compile` and `train` execute its commands. Because it is data, the Neuron launch is
 tested without Trainium: tests compare the commands and env with shared/reference/neuron-nxdt.md.
+Over 400 lines: everything a command derives from the config is derived here, once (the cache's key included).
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from llama3_hyperpod import schema
-from llama3_hyperpod.cache.seed import runtime_cache_dir
-from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env
+from llama3_hyperpod.cache.seed import ENV_RUNTIME_DIR
+from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env, detect_accelerator
 from llama3_hyperpod.config import ConfigError, RunConfig, check_run_name, load_config, tokenizer_path
 from llama3_hyperpod.data.default import default_name
+from llama3_hyperpod.graphkey import graph_fields_from_config
 from llama3_hyperpod.launchspec import Launch, split_env
 from llama3_hyperpod.memory import MemoryEstimate, estimate_memory, flops_per_token, layers_per_stage
 from llama3_hyperpod.neuron import devices as neuron_devices
 from llama3_hyperpod.neuron import launch as neuron_launch
 from llama3_hyperpod.overrides import assignment
 
-__all__ = ["Launch", "LayoutReport", "Plan", "build_plan", "checkpoint_policy", "default_data_root"]
+__all__ = ["Launch", "LayoutReport", "Plan", "build_plan", "checkpoint_policy", "default_data_root", "make_plan",
+           "runtime_cache_dir"]
 
 DEFAULT_NXDT_EXAMPLES = neuron_launch.DEFAULT_NXDT_EXAMPLES
 TORCH_TRAIN_MODULE = "llama3_hyperpod.torch_backend.train"
@@ -79,6 +82,7 @@ class Plan:
     nxdt_env: dict[str, dict[str, str]] = field(default_factory=dict)  # per mode: what NxDT's orchestrator will set
     checkpoints: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    graph: dict[str, Any] = field(default_factory=dict)  # graphkey.graph_fields_from_config: the compile cache's key
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,53 +100,26 @@ def build_plan(
     python: str = sys.executable,
     require_data: bool = False,
 ) -> Plan:
-    """Validate the config for this node and derive everything that will run. Raises ConfigError on bad input."""
+    """Validate the config for this node and derive everything that will run. Raises ConfigError on bad input.
+
+    Over 60 lines: half of it is the Plan's field list; each derivation is a named helper below.
+    """
     env = dict(os.environ if env is None else env)
     cluster = cluster_from_env(env)
     rc = load_config(config_path, overrides, num_nodes=cluster.num_nodes if cluster.source == "slurm" else None)
     instance = _check_backend_rules(rc, accelerator)
     warnings: list[str] = list(rc.warnings)
-    if cluster.source != "slurm":  # outside Slurm the config says how many nodes; NODE_RANK/MASTER_ADDR say which
-        node_rank = _int_env(env, "NODE_RANK", 0)
-        if not 0 <= node_rank < rc.layout.num_nodes:
-            raise ConfigError("NODE_RANK", f"{node_rank} is outside 0..{rc.layout.num_nodes - 1}")
-        cluster = replace(cluster, num_nodes=rc.layout.num_nodes, node_rank=node_rank)
-        if rc.layout.num_nodes > 1 and "MASTER_ADDR" not in env:
-            warnings.append(f"{rc.layout.num_nodes} nodes outside Slurm: set MASTER_ADDR and NODE_RANK on each node")
+    cluster = _this_node(cluster, rc, env, warnings)
 
     if run_name is not None:
         check_run_name(run_name, "--run-name")
     name = run_name or str(rc.cfg.name)
     explicit = rc.cfg.exp_manager.explicit_log_dir
     run_dir = str(Path(explicit) if explicit else (Path(output_dir) / name).resolve())
-    train_dir = rc.cfg.data.train_dir
-    uses_default = train_dir is None and accelerator.backend == "torch"
-    if uses_default:
-        train_dir = str((default_data_root(output_dir) / default_name(rc.seq_len, rc.model.vocab_size)).resolve())
-    if require_data and train_dir is None:
-        raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
-    if require_data and not uses_default and train_dir and not train_dir.startswith("s3://") \
-            and not Path(train_dir).exists():
-        raise ConfigError("data.train_dir", f"{train_dir} does not exist")
-
+    train_dir, uses_default = _train_data(rc, accelerator, output_dir, require_data)
     cache_dir = runtime_cache_dir(str(rc.cfg.compiler_cache_url), env)
     mem = estimate_memory(rc, accelerator.backend, accelerator.device, _device_budget(rc, accelerator, instance))
-    if mem.device_memory and mem.total > MEMORY_WARN_FRACTION * mem.device_memory:
-        warnings.append(
-            f"memory estimate {mem.total / 2**30:.1f} GiB is above {MEMORY_WARN_FRACTION:.0%} of the "
-            f"{mem.device_memory / 2**30:.1f} GiB per device: little headroom for compiler/runtime buffers"
-        )
-    if rc.cfg.model.optim.sched.warmup_steps > rc.cfg.trainer.max_steps:
-        warnings.append(f"the LR warmup ({rc.cfg.model.optim.sched.warmup_steps} steps) does not end before the "
-                        "run does")
-    if not accelerator.detected:
-        warnings.append(f"planning for {instance.name if instance else accelerator.device} devices that this "
-                        "machine does not have")
-    if train_dir is None and rc.cfg.data.data_prefix is None:
-        warnings.append("data.train_dir is not set: `train` will refuse to start")
-    elif train_dir is not None and not uses_default and not train_dir.startswith("s3://") \
-            and not Path(train_dir).exists():
-        warnings.append(f"data.train_dir {train_dir} does not exist on this machine")
+    warnings += _soft_warnings(rc, accelerator, instance, mem, train_dir, uses_default)
 
     checkpoints = checkpoint_policy(rc, run_dir, accelerator.backend, warnings)
     cc_flags: str | None = None
@@ -163,7 +140,6 @@ def build_plan(
         commands = _torch_commands(rc, cluster, accelerator, env, launch_overrides, run_dir, python, cache_dir)
         peak = rc.cfg.torch_backend.peak_tflops * 1e12 if rc.cfg.torch_backend.peak_tflops else None
 
-    m, lay = rc.model, rc.layout
     fpt = flops_per_token(rc)
     return Plan(
         config_path=str(rc.path),
@@ -174,34 +150,8 @@ def build_plan(
         device=accelerator.device,
         accelerator_detected=accelerator.detected,
         cluster=asdict(cluster),
-        model={
-            "parameters": m.parameter_count(),
-            "hidden_size": m.hidden_size,
-            "intermediate_size": m.intermediate_size,
-            "num_layers": m.num_layers,
-            "num_attention_heads": m.num_attention_heads,
-            "num_key_value_heads": m.num_key_value_heads,
-            "head_dim": m.head_dim,
-            "vocab_size": m.vocab_size,
-            "seq_len": rc.seq_len,
-            "source": str(rc.cfg.model_source),
-        },
-        layout=LayoutReport(
-            tp=lay.tp,
-            pp=lay.pp,
-            cp=lay.cp,
-            dp=lay.dp,
-            zero1=lay.zero1,
-            sequence_parallel=lay.sequence_parallel,
-            kv_replicator=lay.kv_replicator,
-            world_size=lay.world_size,
-            num_nodes=lay.num_nodes,
-            ranks_per_node=lay.devices_per_node,
-            heads_per_device=m.num_attention_heads // lay.tp,
-            kv_heads_per_device=max(1, m.num_key_value_heads * lay.kv_replicator // lay.tp),
-            layers_per_stage=layers_per_stage(rc),
-            grad_accum_steps=rc.grad_accum_steps,
-        ),
+        model=_model_report(rc),
+        layout=_layout_report(rc),
         memory=mem,
         tokens_per_step=rc.tokens_per_step,
         flops_per_token=fpt,
@@ -219,7 +169,120 @@ def build_plan(
         nxdt_env=nxdt_env,
         checkpoints=checkpoints,
         warnings=warnings,
+        graph=graph_fields_from_config(rc, backend=accelerator.backend, device=accelerator.device,
+                                       threads=_launch_threads(commands), cc_flags=cc_flags),
     )
+
+
+def _this_node(cluster: Cluster, rc: RunConfig, env: Mapping[str, str], warnings: list[str]) -> Cluster:
+    """Outside Slurm the config says how many nodes; NODE_RANK/MASTER_ADDR say which one this is."""
+    if cluster.source == "slurm":
+        return cluster
+    node_rank = _int_env(env, "NODE_RANK", 0)
+    if not 0 <= node_rank < rc.layout.num_nodes:
+        raise ConfigError("NODE_RANK", f"{node_rank} is outside 0..{rc.layout.num_nodes - 1}")
+    if rc.layout.num_nodes > 1 and "MASTER_ADDR" not in env:
+        warnings.append(f"{rc.layout.num_nodes} nodes outside Slurm: set MASTER_ADDR and NODE_RANK on each node")
+    return replace(cluster, num_nodes=rc.layout.num_nodes, node_rank=node_rank)
+
+
+def _train_data(rc: RunConfig, accelerator: Accelerator, output_dir: str | Path,
+                require_data: bool) -> tuple[str | None, bool]:
+    """The dataset dir the run reads, and whether it is the embedded default (torch, no data.train_dir)."""
+    train_dir = rc.cfg.data.train_dir
+    uses_default = train_dir is None and accelerator.backend == "torch"
+    if uses_default:
+        train_dir = str((default_data_root(output_dir) / default_name(rc.seq_len, rc.model.vocab_size)).resolve())
+    if require_data and train_dir is None:
+        raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
+    if require_data and not uses_default and train_dir and not train_dir.startswith("s3://") \
+            and not Path(train_dir).exists():
+        raise ConfigError("data.train_dir", f"{train_dir} does not exist")
+    return train_dir, uses_default
+
+
+def _soft_warnings(rc: RunConfig, accelerator: Accelerator, instance: neuron_devices.Instance | None,
+                   mem: MemoryEstimate, train_dir: str | None, uses_default: bool) -> list[str]:
+    """What may go wrong but does not stop the plan: tight memory, warmup past the end, devices or data not here."""
+    warnings = []
+    if mem.device_memory and mem.total > MEMORY_WARN_FRACTION * mem.device_memory:
+        warnings.append(
+            f"memory estimate {mem.total / 2**30:.1f} GiB is above {MEMORY_WARN_FRACTION:.0%} of the "
+            f"{mem.device_memory / 2**30:.1f} GiB per device: little headroom for compiler/runtime buffers"
+        )
+    if rc.cfg.model.optim.sched.warmup_steps > rc.cfg.trainer.max_steps:
+        warnings.append(f"the LR warmup ({rc.cfg.model.optim.sched.warmup_steps} steps) does not end before the "
+                        "run does")
+    if not accelerator.detected:
+        warnings.append(f"planning for {instance.name if instance else accelerator.device} devices that this "
+                        "machine does not have")
+    if train_dir is None and rc.cfg.data.data_prefix is None:
+        warnings.append("data.train_dir is not set: `train` will refuse to start")
+    elif train_dir is not None and not uses_default and not train_dir.startswith("s3://") \
+            and not Path(train_dir).exists():
+        warnings.append(f"data.train_dir {train_dir} does not exist on this machine")
+    return warnings
+
+
+def _model_report(rc: RunConfig) -> dict[str, Any]:
+    m = rc.model
+    return {
+        "parameters": m.parameter_count(),
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "num_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_key_value_heads,
+        "head_dim": m.head_dim,
+        "vocab_size": m.vocab_size,
+        "seq_len": rc.seq_len,
+        "source": str(rc.cfg.model_source),
+    }
+
+
+def _layout_report(rc: RunConfig) -> LayoutReport:
+    """The config's Layout plus what each device holds (heads, KV heads, layers) and the accumulation steps."""
+    m, lay = rc.model, rc.layout
+    return LayoutReport(
+        tp=lay.tp,
+        pp=lay.pp,
+        cp=lay.cp,
+        dp=lay.dp,
+        zero1=lay.zero1,
+        sequence_parallel=lay.sequence_parallel,
+        kv_replicator=lay.kv_replicator,
+        world_size=lay.world_size,
+        num_nodes=lay.num_nodes,
+        ranks_per_node=lay.devices_per_node,
+        heads_per_device=m.num_attention_heads // lay.tp,
+        kv_heads_per_device=max(1, m.num_key_value_heads * lay.kv_replicator // lay.tp),
+        layers_per_stage=layers_per_stage(rc),
+        grad_accum_steps=rc.grad_accum_steps,
+    )
+
+
+def make_plan(config: Path, overrides: Sequence[str], backend: str, run_name: str | None, output_dir: str,
+              nxdt_examples: str | None, require_data: bool = False) -> Plan:
+    """build_plan for a command line: the backend by name (auto: detected), a missing CONFIG one line."""
+    if not config.is_file():
+        raise ConfigError(str(config), "config file not found")
+    return build_plan(config, overrides, detect_accelerator(backend), run_name=run_name, output_dir=output_dir,
+                      nxdt_examples=nxdt_examples, require_data=require_data)
+
+
+def runtime_cache_dir(configured: str, env: Mapping[str, str] | None = None) -> str:
+    """The run-time cache dir: L3HP_CACHE_DIR when set (node-local disk), else the config's compiler_cache_url."""
+    env = dict(os.environ if env is None else env)
+    return env.get(ENV_RUNTIME_DIR) or configured
+
+
+def _launch_threads(commands: Mapping[str, Launch]) -> int | None:
+    """OMP threads per rank the train launch will have (ours or the user's): part of Inductor's CPU cache key."""
+    launch = commands.get("train")
+    if launch is None:
+        return None
+    value = launch.env.get("OMP_NUM_THREADS") or launch.env_kept.get("OMP_NUM_THREADS")
+    return int(value) if value and value.isdigit() else None
 
 
 def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[str]) -> dict[str, Any]:

@@ -60,8 +60,8 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from llama3_hyperpod.config import load_config
-    from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
     from llama3_hyperpod.torch_backend.train import train
+    from tests.token_data import write_byte_text_dataset
 
     root = tmp_path_factory.mktemp("small")
     (root / "model.json").write_text(json.dumps(SMALL_MODEL))

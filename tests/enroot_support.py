@@ -42,7 +42,7 @@ def ensure_squashfs_tools() -> None:
 
 
 def podman_env() -> dict[str, str]:
-    from llama3_hyperpod.image import ci
+    from tests import image_ci as ci
 
     if os.geteuid() != 0:
         unavailable("the pyxis-like runner needs root podman (podman run --rootfs)")
@@ -55,7 +55,7 @@ def podman_env() -> dict[str, str]:
 
 def build_cpu_image(tmp: Path) -> str:
     """The cpu image from a snapshot of this checkout (a layer-cache hit when another test built it already)."""
-    from llama3_hyperpod.image import ci
+    from tests import image_ci as ci
 
     env = podman_env()
     lines: list[str] = []

@@ -6,45 +6,26 @@ Exit codes: 0 ok / cache hit, 2 bad input (one line on stderr), 3 predicted cach
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from llama3_hyperpod.cluster import BACKENDS
+from llama3_hyperpod.errors import fail, user_errors
 
-EXIT_BAD_INPUT = 2
 EXIT_PROBLEMS = 1
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    from llama3_hyperpod.cache.seed import SeedError
-    from llama3_hyperpod.config import ConfigError
-
-    try:
-        yield
-    except ConfigError as exc:
-        click.echo(f"error: {exc.key}: {exc.message}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
-    except SeedError as exc:
-        click.echo(f"error: {exc.key}: {exc.message}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 def _cache_dir_arg(value: str | None) -> Path:
     chosen = value or os.environ.get("L3HP_CACHE_DIR")
     if not chosen:
-        click.echo("error: DIR: give the cache dir (or set L3HP_CACHE_DIR)", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        fail("DIR", "give the cache dir (or set L3HP_CACHE_DIR)")
     path = Path(chosen)
     if not path.is_dir():
-        click.echo(f"error: {path}: no such directory", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        fail(str(path), "no such directory")
     return path
 
 
@@ -102,9 +83,9 @@ def verify_cmd(config: Path, overrides: tuple[str, ...], backend: str, run_name:
     Exits 0 on a hit, 3 on a predicted miss (naming the fields that differ from the manifest), 4 when it cannot
     tell (a cache without manifest), 2 on bad input.
     """
-    with _user_errors():
+    with user_errors():
         from llama3_hyperpod.cache.verify import verify
-        from llama3_hyperpod.cli import make_plan
+        from llama3_hyperpod.plan import make_plan
 
         plan = make_plan(config, overrides, backend, run_name, output_dir, nxdt_examples)
         verdict = verify(plan, cache_dir)
@@ -126,7 +107,7 @@ def seed_cmd(baked: str | None, runtime: str, force_copy: bool, as_json: bool) -
     """Make the baked cache available in the run-time dir: copies only what is missing; safe from many ranks."""
     from llama3_hyperpod.cache.seed import DEFAULT_BAKED_DIR, seed_cache
 
-    with _user_errors():
+    with user_errors():
         report = seed_cache(Path(baked or DEFAULT_BAKED_DIR), Path(runtime), link=False if force_copy else None)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

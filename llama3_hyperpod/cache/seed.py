@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import stat
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,13 +27,12 @@ from typing import Any
 from llama3_hyperpod.cache.manifest import (
     MANIFEST_NAME,
     NEURON_VERSION_PREFIX,
-    TEMP_MARK,
     is_bookkeeping,
     merge_manifest,
     read_manifest,
 )
-from llama3_hyperpod.config import ConfigError
-from llama3_hyperpod.fsutil import link_message
+from llama3_hyperpod.errors import ConfigError
+from llama3_hyperpod.fsutil import LockTimeoutError, link_message, locked, tmp_name
 
 ENV_RUNTIME_DIR = "L3HP_CACHE_DIR"
 ENV_BAKED_DIR = "L3HP_BAKED_CACHE"
@@ -70,34 +67,14 @@ class SeedReport:
         return asdict(self)
 
 
-def runtime_cache_dir(configured: str, env: dict[str, str] | None = None) -> str:
-    """The run-time cache dir: L3HP_CACHE_DIR when set (node-local disk), else the config's compiler_cache_url."""
-    env = dict(os.environ if env is None else env)
-    return env.get(ENV_RUNTIME_DIR) or configured
-
-
 @contextlib.contextmanager
 def _locked(path: Path, timeout: float) -> Iterator[float]:
-    """Exclusive flock on path; yields the seconds waited. Raises SeedError after timeout."""
-    start = time.monotonic()
-    with path.open("a") as fh:
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() - start > timeout:
-                    raise SeedError(str(path), f"still locked by another seeding process after {timeout:.0f} s"
-                                    ) from None
-                time.sleep(0.05)
-        try:
-            yield time.monotonic() - start
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _tmp_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """fsutil.locked, its timeout said as a SeedError."""
+    try:
+        with locked(path, timeout) as waited:
+            yield waited
+    except LockTimeoutError:
+        raise SeedError(str(path), f"still locked by another seeding process after {timeout:.0f} s") from None
 
 
 def _regular(path: Path) -> bool:
@@ -115,7 +92,7 @@ def _no_link(path: Path) -> None:
 
 def _place_file(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
     """Copy (or hard-link) src to a temp name beside dest, then rename: dest is whole or absent."""
-    tmp = _tmp_name(dest)
+    tmp = tmp_name(dest)
     if link:
         try:
             os.link(src, tmp)
@@ -138,7 +115,7 @@ def _seed_entry(src: Path, dest: Path, link: bool, report: SeedReport) -> None:
     files = sorted((p for p in entries if _regular(p)), key=lambda p: (p.name in DONE_MARKERS, p.name))
     report.links_skipped += sum(1 for p in entries if not _regular(p) and not (p.is_dir() and not p.is_symlink()))
     if not dest.exists():
-        tmp = _tmp_name(dest)
+        tmp = tmp_name(dest)
         tmp.mkdir(parents=True)
         inner = SeedReport(report.baked, report.runtime)
         for f in files:

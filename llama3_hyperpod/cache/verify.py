@@ -7,19 +7,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llama3_hyperpod.cache.manifest import (
     COMPARED_TOOLCHAIN_KEYS,
-    graph_fields,
+    PlannedCompile,
     iter_cache_files,
     layout_of,
     read_manifest,
     toolchain,
 )
-
-if TYPE_CHECKING:
-    from llama3_hyperpod.plan import Plan
 
 EXIT_HIT = 0
 EXIT_MISS = 3
@@ -74,7 +71,7 @@ def _compared(tools: dict[str, Any]) -> dict[str, Any]:
     return {f"toolchain.{k}": tools.get(k) for k in COMPARED_TOOLCHAIN_KEYS if tools.get(k) is not None}
 
 
-def expected_cost(plan: Plan, manifest: dict[str, Any] | None) -> str:
+def expected_cost(plan: PlannedCompile, manifest: dict[str, Any] | None) -> str:
     """What a miss costs, in words: measured when this cache recorded a compile of the same model, else known facts."""
     measured = [c.get("compile_seconds") for c in (manifest or {}).get("compiles", [])
                 if c.get("backend") == plan.backend and c.get("compile_seconds")
@@ -106,7 +103,8 @@ def _entries_missing(cache: Path, record: dict[str, Any], manifest: dict[str, An
     return [f["path"] for f in manifest.get("files", []) if not (cache / f["path"]).is_file()]
 
 
-def verify_against(plan: Plan, cache_dir: str | Path, fields: dict[str, Any], tools: dict[str, Any]) -> Verdict:
+def verify_against(plan: PlannedCompile, cache_dir: str | Path, fields: dict[str, Any],
+                   tools: dict[str, Any]) -> Verdict:
     """verify() with the plan's fields and toolchain given (tests and callers that already have them)."""
     cache = str(cache_dir)
     if plan.backend == "torch" and fields.get("torch_backend.compile") is False:
@@ -147,6 +145,6 @@ def verify_against(plan: Plan, cache_dir: str | Path, fields: dict[str, Any], to
     return Verdict("hit", f"matches the compile of {best.get('created')} ({best.get('config')})", cache, None, [], best)
 
 
-def verify(plan: Plan, cache_dir: str | Path | None = None) -> Verdict:
+def verify(plan: PlannedCompile, cache_dir: str | Path | None = None) -> Verdict:
     """Compare the plan with the manifest of its cache (or cache_dir). Reads files; runs nothing."""
-    return verify_against(plan, cache_dir or plan.compile_cache_dir, graph_fields(plan), toolchain(plan.backend))
+    return verify_against(plan, cache_dir or plan.compile_cache_dir, plan.graph, toolchain(plan.backend))

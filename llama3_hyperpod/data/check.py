@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from llama3_hyperpod.config import ConfigError
-from llama3_hyperpod.data.tokenizer import file_sha256, tokenizer_file
+from llama3_hyperpod.data.tokenizer import tokenizer_file
 from llama3_hyperpod.data.writer import METADATA_FILE
+from llama3_hyperpod.fsutil import sha256_file
 
 KEY = "data.train_dir"
 
@@ -56,7 +57,7 @@ def check_dataset_matches(
         tok_file = tokenizer_file(Path(tokenizer_path), key="data.tokenizer")
         tok_meta = meta.get("tokenizer")
         recorded = tok_meta.get("sha256") if isinstance(tok_meta, dict) else None
-        if file_sha256(tok_file) != recorded:
+        if sha256_file(tok_file) != recorded:
             raise ConfigError(KEY, f"{train_dir} was tokenized with another tokenizer than {tok_file} ({fix})")
 
 

@@ -14,19 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from llama3_hyperpod.errors import user_errors
+
 if TYPE_CHECKING:
     from llama3_hyperpod.data.prepare import Progress as Counters
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    from llama3_hyperpod.config import ConfigError
-
-    try:
-        yield
-    except ConfigError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
 
 
 @click.group("data")
@@ -79,7 +70,7 @@ def prepare_cmd(
     """
     from llama3_hyperpod.data.prepare import corpus_from_inputs, prepare
 
-    with _user_errors():
+    with user_errors():
         corpus = corpus_from_inputs(
             inputs, text_field=text_field, txt_split=txt_split, hub_config=hf_config, hub_split=hf_split
         )
@@ -118,7 +109,7 @@ def train_tokenizer_cmd(
     from llama3_hyperpod.data.prepare import corpus_from_inputs
     from llama3_hyperpod.data.tokenizer import train_bpe
 
-    with _user_errors():
+    with user_errors():
         if output.is_dir() or output.suffix != ".json":
             output = output / "tokenizer.json"
         if output.exists() and not force:
@@ -144,7 +135,7 @@ def default_cmd(dest: Path, seq_len: int, vocab_size: int) -> None:
     """Build (once) the embedded default dataset from the Python standard library's sources; print its folder."""
     from llama3_hyperpod.data.default import ensure_default_dataset
 
-    with _user_errors():
+    with user_errors():
         click.echo(ensure_default_dataset(dest, seq_len, vocab_size))
 
 
@@ -157,7 +148,7 @@ def check_cmd(train_dir: Path, seq_len: int, vocab_size: int, tokenizer: Path | 
     """Check that TRAIN_DIR was prepared for this seq len, vocab size (and tokenizer)."""
     from llama3_hyperpod.data.check import check_dataset_matches
 
-    with _user_errors():
+    with user_errors():
         check_dataset_matches(train_dir, seq_len=seq_len, vocab_size=vocab_size, tokenizer_path=tokenizer)
     click.echo(f"ok: {train_dir}")
 

@@ -7,18 +7,16 @@ the tiny model trains out of the box with no download. It is built once per (Pyt
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from llama3_hyperpod.data.errors import DataError
 from llama3_hyperpod.data.sources import LocalFile
+from llama3_hyperpod.fsutil import locked
 
 BUDGET_BYTES = 4_000_000
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "lib2to3", "__pycache__"}
@@ -51,16 +49,6 @@ def default_name(seq_len: int, vocab_size: int) -> str:
     return f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-v{vocab_size}-s{seq_len}"
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_default_dataset(dest: Path, seq_len: int, vocab_size: int, *, workers: int | None = None) -> Path:
     """Return `dest/<name>` holding the default dataset (with its tokenizer.json), building it first if missing."""
     from llama3_hyperpod.data.prepare import Corpus, prepare
@@ -71,7 +59,7 @@ def ensure_default_dataset(dest: Path, seq_len: int, vocab_size: int, *, workers
     if (out / "metadata.json").is_file():
         return out
     dest.mkdir(parents=True, exist_ok=True)
-    with _locked(dest / f".{out.name}.lock"):
+    with locked(dest / f".{out.name}.lock"):
         if (out / "metadata.json").is_file():  # another process built it while we waited
             return out
         files = stdlib_files()

@@ -13,7 +13,6 @@ size is never cut at all.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from llama3_hyperpod import fsutil
 from llama3_hyperpod.data.errors import DataError
 
 SUFFIXES = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -105,14 +105,10 @@ def _kind(path: Path) -> str:
 
 def sha256_file(path: Path) -> str:
     """Hash a file in bounded memory; also proves it is readable before any output is started."""
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
+        return fsutil.sha256_file(path)
     except OSError as e:
         raise DataError(str(path), f"cannot read: {e.strerror or e}") from None
-    return digest.hexdigest()
 
 
 def iter_pieces(source: Source, *, text_field: str, txt_split: str) -> Iterator[Piece]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from llama3_hyperpod.data.errors import DataError
-from llama3_hyperpod.fsutil import tmp_name
+from llama3_hyperpod.fsutil import sha256_file, tmp_name
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -52,10 +51,6 @@ def tokenizer_file(path: Path, *, key: str = "tokenizer") -> Path:
     return candidate
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_tokenizer(path: Path, *, bos_token: str = BOS_TOKEN, eos_token: str = EOS_TOKEN) -> TokenizerInfo:
     """Open and check a tokenizer: it must load and know the BOS/EOS tokens documents are joined with."""
     from tokenizers import Tokenizer
@@ -75,7 +70,7 @@ def load_tokenizer(path: Path, *, bos_token: str = BOS_TOKEN, eos_token: str = E
         ids[name] = tid
     return TokenizerInfo(
         path=file.resolve(),
-        sha256=file_sha256(file),
+        sha256=sha256_file(file),
         vocab_size=tok.get_vocab_size(with_added_tokens=True),
         bos_token=bos_token,
         bos_id=ids["bos"],

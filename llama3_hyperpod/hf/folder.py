@@ -10,7 +10,6 @@ file. The architecture is compared with the run's model (`architecture_differenc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llama3_hyperpod.errors import ConfigError
+from llama3_hyperpod.fsutil import sha256_file
 from llama3_hyperpod.hf.safetensors_io import SafetensorsError, TensorEntry, read_header
 
 CONFIG = "config.json"
@@ -184,13 +184,8 @@ def check_architecture(folder: HfFolder, run_hf_config: Mapping[str, Any], run_m
 def sha256_files(paths: Iterable[Path]) -> dict[Path, str]:
     """Plain sha256 of each file (what `sha256sum` prints), files hashed in parallel threads."""
     todo = list(paths)
-
-    def one(path: Path) -> str:
-        with path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(todo, pool.map(one, todo), strict=True))
+        return dict(zip(todo, pool.map(sha256_file, todo), strict=True))
 
 
 def file_records(paths: Iterable[Path], base: Path) -> dict[str, dict[str, Any]]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from llama3_hyperpod.errors import EXIT_BAD_INPUT, ConfigError
+from llama3_hyperpod.errors import ConfigError, report_bad_input
 from llama3_hyperpod.hf import safetensors_io as st
 from llama3_hyperpod.hf import tensors as hf_tensors
 from llama3_hyperpod.hf.folder import read_folder
@@ -207,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = to_hf(args.full_state, hf_config, args.out, args.max_shard_bytes)
             print(f"to-hf: {args.out} ({len(files)} files)", file=sys.stderr)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_bad_input(exc.key, exc.message)
     except OSError as exc:
         print(f"error: {exc.filename or args.step}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 The Docker SDK talks to Docker Engine (DOCKER_HOST or the default socket) and to podman's Docker-compatible API
 (`podman system service`), so the same tool works on a workstation and on a daemon-less CI machine.
 Errors for users are one line; bad input exits 2, a failed build/push/import exits 1.
+Over 400 lines: one tool (context, build, push, import) whose steps share the request and the client.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama3_hyperpod.errors import EXIT_BAD_INPUT
+from llama3_hyperpod.fsutil import sha256_file
 from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
 
 # The build context's wheelhouse: the Dockerfile bind-mounts this fixed path (dockerd 20.10's BuildKit does not expand
@@ -74,7 +77,7 @@ def files_sha256(files: dict[str, Path]) -> str:
     digest = hashlib.sha256()
     for rel in sorted(files):
         digest.update(rel.encode() + b"\0")
-        digest.update(hashlib.sha256(files[rel].read_bytes()).digest())
+        digest.update(bytes.fromhex(sha256_file(files[rel])))
     return digest.hexdigest()
 
 
@@ -203,7 +206,7 @@ def make_request(ns: argparse.Namespace) -> BuildRequest:
     labels = {
         "org.opencontainers.image.revision": git_commit(context),
         "io.llama3-hyperpod.cache-manifest-sha256": files_sha256(baked_cache_files(context, cache)),
-        "io.llama3-hyperpod.lock-sha256": hashlib.sha256((context / "requirements.lock").read_bytes()).hexdigest(),
+        "io.llama3-hyperpod.lock-sha256": sha256_file(context / "requirements.lock"),
     }
     if ns.flavor == "cpu":  # the neuron stage labels its own pins; the cpu image's torch is the lock's
         pins = re.search(r"^torch==(\S+)", (context / "requirements.lock").read_text(), flags=re.MULTILINE)
@@ -478,7 +481,7 @@ def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print)
             enroot_import(engine, req.tag, req.sqsh, emit)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             out = select_lock(out, closure(text, args.closure.replace(",", " ").split()))
         except ValueError as exc:
             print(f"lockfilter: {exc}", file=sys.stderr)
-            return 2
+            return 2  # errors.EXIT_BAD_INPUT: this script runs as a file, without the package
     if args.only:
         out = select_lock(out, args.only.replace(",", " ").split())
     sys.stdout.write("".join(f"{n}\n" for n in sorted(pinned_names(out))) if args.names else out)

@@ -34,7 +34,8 @@ root remapping. podman adds `container` and `HOSTNAME` to the environment; they 
 
 Settings (environment): L3HP_PODMAN_DATA_PATH (the data dir; a subdir per Slurm node), L3HP_PODMAN_UID/GID,
 ENROOT_LOGIN_SHELL, ENROOT_ROOTFS_WRITABLE (as enroot reads them: the environment wins, enroot.in:27-29).
-Standard library only; runs as root (podman --rootfs).
+Standard library only; runs as root (podman --rootfs). Over 400 lines: a standalone script (run as a file, no
+package imports), so what pyxis and enroot do is reproduced here in one piece.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def remove(name: str) -> int:
     """Remove this node's named container (`pyxis_NAME`), like `enroot remove -f`; says what it did."""
     if not name or "/" in name:
         print(f"error: invalid container name {name!r}", file=sys.stderr)
-        return 2
+        return 2  # errors.EXIT_BAD_INPUT: this script runs as a file, without the package
     target = data_dir() / f"pyxis_{name}"
     if target.is_dir():
         shutil.rmtree(target)

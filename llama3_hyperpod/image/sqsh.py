@@ -23,6 +23,8 @@ whiteouts. Standard library only: import.sh runs it with the login node's python
     python3 sqsh.py podman://IMAGE[:TAG] OUT.sqsh
     python3 sqsh.py dockerd://IMAGE[:TAG] OUT.sqsh
     python3 sqsh.py ARCHIVE.tar OUT.sqsh
+
+Over 400 lines: a standalone script (run as a file by enroot/import.sh, no package imports).
 """
 
 from __future__ import annotations
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                   tmpdir=Path(ns.tmpdir) if ns.tmpdir else None, force=ns.force)
     except SqshError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 2  # errors.EXIT_BAD_INPUT: this script runs as a file, without the package
     print(f"done: use IMAGE={Path(ns.output).absolute()} with enroot/train.sbatch and enroot/compile.sbatch")
     return 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from llama3_hyperpod.errors import EXIT_BAD_INPUT, ConfigError
+from llama3_hyperpod.errors import ConfigError, report_bad_input
 from llama3_hyperpod.launchspec import Launch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,5 +234,4 @@ def smoke_command(config: Path | None, steps: int, output_dir: Path, overrides: 
             return 0
         return run_smoke(plan)
     except ConfigError as exc:
-        click.echo(f"error: {exc.key}: {exc.message}", err=True)
-        return EXIT_BAD_INPUT
+        return report_bad_input(exc.key, exc.message)

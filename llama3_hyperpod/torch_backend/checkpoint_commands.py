@@ -16,12 +16,7 @@ from typing import Any
 
 import click
 
-from llama3_hyperpod.exitcodes import EXIT_BAD_INPUT
-
-
-def _fail(key: str, message: str) -> None:
-    click.echo(f"error: {key}: {message}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+from llama3_hyperpod.errors import fail as _fail
 
 
 def resolve_checkpoint(path: Path) -> Path:

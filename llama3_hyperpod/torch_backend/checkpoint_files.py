@@ -35,8 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llama3_hyperpod.cache.manifest import NON_GRAPH_HF_KEYS
 from llama3_hyperpod.config import ConfigError
+from llama3_hyperpod.graphkey import NON_GRAPH_HF_KEYS
 from llama3_hyperpod.torch_backend.rundir import CHECKPOINTS
 
 __all__ = ["CHECKPOINTS"]  # re-exported: where the checkpoints live in a run dir

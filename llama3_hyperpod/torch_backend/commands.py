@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from llama3_hyperpod.errors import fail, user_errors
+
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 SMOKE_MIN_DROP = 1.0  # nats: the tiny model on real text falls by several within 30 steps
 
@@ -47,43 +49,46 @@ def smoke(ctx: click.Context, config: Path | None, steps: int, device: str, outp
 
         sys.exit(smoke_command(config, steps, output_dir, overrides, dry_run))
     if dry_run:
-        click.echo("error: --dry-run: the torch smoke trains in this process, there is no launch to print", err=True)
-        sys.exit(2)
+        fail("--dry-run", "the torch smoke trains in this process, there is no launch to print")
     config = config or TINY_CONFIG
     import torch
 
-    from llama3_hyperpod.config import ConfigError
     from llama3_hyperpod.writable import writable_or_temporary
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    try:
+    with user_errors():
         explicit = ctx.get_parameter_source("output_dir") is not click.core.ParameterSource.DEFAULT
         output_dir, note = writable_or_temporary(output_dir, "--output-dir", explicit=explicit, purpose="runs")
         if note:
             click.echo(f"smoke: {note}", err=True)
         code = _run_smoke(config, steps, dev, output_dir, overrides)
-    except ConfigError as exc:
-        click.echo(f"error: {exc.key}: {exc.message}", err=True)
-        sys.exit(2)
     sys.exit(code)
 
 
 def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, overrides: tuple[str, ...]) -> int:
+    """Plan the run like `train` does (build_plan: data and cache paths, L3HP_CACHE_DIR), then train in-process."""
+    from llama3_hyperpod.cluster import detect_accelerator
     from llama3_hyperpod.config import load_config
     from llama3_hyperpod.overrides import hydra_value
+    from llama3_hyperpod.plan import build_plan
     from llama3_hyperpod.torch_backend.train import train
 
     base = [f"trainer.max_steps={steps}", "trainer.devices=1", "trainer.num_nodes=1", *overrides]
-    rc = load_config(config, base)
-    if rc.cfg.data.train_dir is None:
+    # one process on this node: a Slurm allocation around it (srun smoke) does not shape the plan
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    plan = build_plan(config, base, detect_accelerator(f"torch-{device}"), env,
+                      run_name=f"smoke-{time.strftime('%Y%m%d-%H%M%S')}", output_dir=output_dir)
+    assert plan.train_dir is not None  # the torch plan falls back to the embedded default dataset
+    if plan.uses_default_dataset:
         from llama3_hyperpod.data.default import ensure_default_dataset
 
         t0 = time.perf_counter()
-        data = ensure_default_dataset(output_dir.resolve() / "_data", rc.seq_len, rc.model.vocab_size)
+        data = ensure_default_dataset(Path(plan.train_dir).parent, plan.model["seq_len"], plan.model["vocab_size"])
         click.echo(f"dataset: embedded default (Python stdlib sources) at {data} ({time.perf_counter() - t0:.1f} s)")
-        rc = load_config(config, [*base, f"data.train_dir={hydra_value(str(data))}"])
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(rc.cfg.compiler_cache_url) / "inductor"))
-    run_dir = output_dir / f"smoke-{time.strftime('%Y%m%d-%H%M%S')}"
+        base.append(f"data.train_dir={hydra_value(str(data))}")
+    rc = load_config(plan.config_path, base)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(plan.compile_cache_dir) / "inductor"))
+    run_dir = Path(plan.run_dir)
     result = train(rc, run_dir, device=device)
     if result.stop_signal:  # Ctrl-C, a lost terminal, a scheduler's TERM: no verdict on a run cut short
         click.echo(f"smoke: stopped by a signal after {len(result.losses)} steps (exit {result.exit_code})", err=True)
@@ -116,18 +121,12 @@ def _run_smoke(config: Path, steps: int, device: str, output_dir: Path, override
               help="PNG to write (default: RUN_DIR/report.png).")  # fmt: skip
 def report(run_dir: Path, output: Path | None) -> None:
     """Plot loss, learning rate and tokens/s per step from RUN_DIR/metrics.jsonl into a PNG."""
-    from llama3_hyperpod.config import ConfigError
-
     target = output or run_dir / "report.png"
     try:
-        out = render_report(run_dir, target)
-    except ConfigError as exc:
-        click.echo(f"error: {exc.key}: {exc.message}", err=True)
-        sys.exit(2)
+        with user_errors():
+            out = render_report(run_dir, target)
     except OSError as exc:
-        click.echo(f"error: --output: cannot write {target} ({exc.strerror or exc}): set --output to a writable "
-                   "file", err=True)
-        sys.exit(2)
+        fail("--output", f"cannot write {target} ({exc.strerror or exc}): set --output to a writable file")
     click.echo(str(out))
 
 

@@ -102,22 +102,3 @@ def write_token_dataset(out_dir: Path, tokens: np.ndarray, seq_len: int) -> int:
     ds = datasets.Dataset.from_dict({"input_ids": chunks.tolist(), "labels": chunks.tolist()})
     ds.save_to_disk(str(out_dir))
     return rows
-
-
-def stdlib_text(max_bytes: int) -> bytes:
-    """Real English-and-code text available everywhere: the Python standard library's own sources."""
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = bytearray()
-    for path in sorted(root.glob("*.py")):
-        out += path.read_bytes()
-        if len(out) >= max_bytes:
-            break
-    return bytes(out[:max_bytes])
-
-
-def write_byte_text_dataset(out_dir: Path, seq_len: int, max_bytes: int = 2_000_000) -> int:
-    """A byte-level (ids 0..255) dataset of stdlib source text, for smoke runs and tests without a tokenizer."""
-    tokens = np.frombuffer(stdlib_text(max_bytes), dtype=np.uint8)
-    return write_token_dataset(out_dir, tokens, seq_len)

@@ -18,7 +18,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from llama3_hyperpod.exitcodes import EXIT_REQUEUE
+from llama3_hyperpod.errors import EXIT_REQUEUE
 
 REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_SIGNALS = (*REQUEUE_SIGNALS, signal.SIGINT, signal.SIGHUP)

@@ -9,7 +9,7 @@ torch.compile fills TORCHINDUCTOR_CACHE_DIR, then exits 0.
 Checkpoints (checkpoint.py) go to <run-dir>/checkpoints every exp_manager.checkpoint_callback_params
 .every_n_train_steps steps and at the end; a run resumes by itself from the newest complete one. SIGTERM or
 SIGUSR1 make every rank checkpoint at the next step boundary; each node then writes <run-dir>/.requeue-node<N> and all
-exit 85 (llama3_hyperpod.exitcodes), which the launcher and enroot/job.sh turn into a requeue. SIGINT / SIGHUP
+exit 85 (llama3_hyperpod.errors), which the launcher and enroot/job.sh turn into a requeue. SIGINT / SIGHUP
 checkpoint the same way and exit 130 / 129. Rank 0 owns the run dir (runlock.py) for the whole run.
 """
 
@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from llama3_hyperpod import runlock
 from llama3_hyperpod.config import ConfigError, RunConfig, load_config
-from llama3_hyperpod.exitcodes import requeue_marker
+from llama3_hyperpod.errors import requeue_marker
 from llama3_hyperpod.fsutil import write_text
 from llama3_hyperpod.memory import estimate_memory
 from llama3_hyperpod.torch_backend import parallel

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from llama3_hyperpod.config import load_config
 from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS
 from llama3_hyperpod.torch_backend.checkpoint_commands import checkpoint, load_model_state
-from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs
 from llama3_hyperpod.torch_backend.train import train
 from tests.conftest import CONFIG_TINY, run_cli
+from tests.token_data import write_byte_text_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from llama3_hyperpod.torch_backend.checkpoint_files import WEIGHTS_ONLY, problem, read_marker, step_dir
-from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from tests.conftest import CONFIG_TINY, REPO, run_cli
+from tests.token_data import write_byte_text_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from llama3_hyperpod.image import build, ci, lockfilter
+from llama3_hyperpod.image import build, lockfilter
 from llama3_hyperpod.image.versions import PROJECT_PYTHON, SDK_PYTHON
+from tests import image_ci as ci
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 

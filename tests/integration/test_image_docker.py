@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_hyperpod.image import ci
+from tests import image_ci as ci
 
 pytestmark = [pytest.mark.integration, pytest.mark.container]
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from llama3_hyperpod.config import ConfigError
-from llama3_hyperpod.exitcodes import EXIT_REQUEUE
+from llama3_hyperpod.errors import EXIT_REQUEUE
 from llama3_hyperpod.launch import check_port_free, run
 from llama3_hyperpod.plan import Launch
 from tests.conftest import REPO

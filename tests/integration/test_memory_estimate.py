@@ -14,8 +14,8 @@ import pytest
 
 from llama3_hyperpod.config import load_config
 from llama3_hyperpod.memory import estimate_memory
-from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from tests.conftest import CONFIG_TINY, REPO
+from tests.token_data import write_byte_text_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -158,8 +158,9 @@ def test_cache_that_will_miss_fails_before_anything_compiles(tmp_path: Path) -> 
 
 def test_cache_compiled_for_another_sequence_length_names_the_field(tmp_path: Path) -> None:
     """A manifest record as `compile` writes it (cache.manifest's own functions) for seq 128: seq 256 misses."""
-    from llama3_hyperpod.cache.manifest import graph_fields_from_config, make_record, toolchain, update_manifest
+    from llama3_hyperpod.cache.manifest import make_record, toolchain, update_manifest
     from llama3_hyperpod.config import load_config
+    from llama3_hyperpod.graphkey import graph_fields_from_config
 
     cache = tmp_path / "cache"
     rc = load_config(CONFIG_TINY, ["torch_backend.compile=true", "model.encoder_seq_length=128"])

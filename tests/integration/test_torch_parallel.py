@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from llama3_hyperpod.config import load_config
-from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
 from llama3_hyperpod.torch_backend.train import train
+from tests.token_data import write_byte_text_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from llama3_hyperpod.torch_backend.commands import report, smoke
+from tests.conftest import REPO
+from tests.token_data import write_byte_text_dataset
 
 
 @pytest.mark.integration
@@ -37,3 +42,35 @@ def test_report_refuses_a_folder_without_metrics(tmp_path: Path) -> None:
     result = CliRunner().invoke(report, [str(tmp_path)])
     assert result.exit_code == 2
     assert "has no metrics.jsonl" in result.output
+
+
+@pytest.mark.integration
+def test_smoke_plans_like_train_and_honours_the_run_time_cache_dir(tmp_path: Path) -> None:
+    """`smoke` goes through build_plan: L3HP_CACHE_DIR (node-local disk) replaces the config's compiler_cache_url,
+    so its compiled graphs land there and the next smoke reads them back from there (every graph a cache hit)."""
+    configured, runtime, out = tmp_path / "configured", tmp_path / "runtime", tmp_path / "runs"
+    write_byte_text_dataset(tmp_path / "data", seq_len=64, max_bytes=64 * 8 * 10)  # no BPE to train: faster
+    args = ["smoke", "--steps", "10", "--device", "cpu", "--output-dir", str(out), "model.encoder_seq_length=64",
+            f"data.train_dir={tmp_path / 'data'}", "torch_backend.compile=true", f"compiler_cache_url={configured}"]
+    # No TORCHINDUCTOR_CACHE_DIR and no Slurm: the plan decides where Inductor's cache goes.
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR" and not k.startswith("SLURM_")}
+    env |= {"L3HP_CACHE_DIR": str(runtime), "OMP_NUM_THREADS": "2"}
+
+    def run_smoke(extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(REPO / "entrypoint.py"), *args], capture_output=True, text=True,
+                              env=env | (extra or {}), cwd=REPO, timeout=900, check=False)
+
+    cold = run_smoke()
+    assert "summary:" in cold.stdout, cold.stdout + cold.stderr
+    assert list((runtime / "inductor").rglob("*")), "nothing compiled into L3HP_CACHE_DIR"
+    assert not configured.exists(), "the config's compiler_cache_url was written although L3HP_CACHE_DIR is set"
+    assert f"cache {runtime / 'inductor'}" in cold.stdout
+
+    # inside a 2-node allocation (srun smoke on node 1): smoke is still one process on this node
+    warm = run_smoke({"SLURM_JOB_NODELIST": "l3hp-absent[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+                      "SLURM_JOB_ID": "7"})
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    counters = re.search(r"fx graph hit (\d+) miss (\d+)", warm.stdout)
+    assert counters, warm.stdout + warm.stderr
+    assert int(counters.group(1)) > 0 and int(counters.group(2)) == 0, counters.group(0)
+    assert not configured.exists()

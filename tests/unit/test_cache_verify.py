@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_hyperpod.cache.manifest import graph_fields, read_manifest, toolchain, write_manifest
+from llama3_hyperpod.cache.manifest import read_manifest, toolchain, write_manifest
 from llama3_hyperpod.cache.verify import EXIT_MISS, EXIT_UNKNOWN, verify, verify_against
 from llama3_hyperpod.cluster import detect_accelerator
 from llama3_hyperpod.plan import Plan, build_plan
@@ -110,7 +110,7 @@ def test_cpu_thread_count_is_part_of_the_key(torch_cache: Path) -> None:
 def test_other_torch_version_misses(torch_cache: Path) -> None:
     plan = torch_plan()
     tools = toolchain("torch") | {"compiler_version": "2.99.0"}
-    verdict = verify_against(plan, torch_cache, graph_fields(plan), tools)
+    verdict = verify_against(plan, torch_cache, plan.graph, tools)
     assert [d.field for d in verdict.differences] == ["toolchain.compiler_version"]
 
 
@@ -174,7 +174,7 @@ def test_neuron_miss(neuron_cache: Path, overrides: tuple[str, ...], field: str)
 def test_neuron_other_compiler_version_misses(neuron_cache: Path) -> None:
     plan = neuron_plan()
     tools = toolchain("neuron") | {"compiler_version": "2.99.1.0"}
-    verdict = verify_against(plan, neuron_cache, graph_fields(plan), tools)
+    verdict = verify_against(plan, neuron_cache, plan.graph, tools)
     assert "toolchain.compiler_version" in [d.field for d in verdict.differences]
 
 

@@ -40,7 +40,7 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llama3_hyperpod.torch_backend.data import write_byte_text_dataset
+    from tests.token_data import write_byte_text_dataset
 
     out = tmp_path_factory.mktemp("data") / "bytes64"
     write_byte_text_dataset(out, seq_len=64, max_bytes=64 * 8 * 4)

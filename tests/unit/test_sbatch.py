@@ -172,8 +172,9 @@ def test_missing_image_file_is_refused_at_run_time(tmp_path: Path) -> None:
 
 def write_cache_manifest(cache: Path, *node_counts: int) -> None:
     """A manifest as `compile` writes it (llama3_hyperpod.cache.manifest), one record per node count."""
-    from llama3_hyperpod.cache.manifest import graph_fields_from_config, make_record, update_manifest
+    from llama3_hyperpod.cache.manifest import make_record, update_manifest
     from llama3_hyperpod.config import load_config
+    from llama3_hyperpod.graphkey import graph_fields_from_config
 
     for nodes in node_counts:
         rc = load_config(CONFIG_TINY, ("data.micro_batch_size=1",), num_nodes=nodes)
