@@ -3,6 +3,8 @@
 One process, one run: a ~58M-parameter Llama 3 (hidden 512, 8 layers, vocab 32000) with AdamW state is about
 0.7 GB of checkpoint (fp32 weights + two moments). On the same filesystem it measures:
 - raw: writing that many bytes sequentially to one file in 8 MiB blocks + fsync (what the disk can do);
+The three run in interleaved rounds (rotated order; the disk and CPUs are shared), each with the load it saw; the
+figures are medians with quartiles and range, the fractions taken per round.
 - sync save (checkpoint.Checkpointer, DCP + fsync + rename + done marker): bytes / time, as a fraction of raw;
   the training stall is the whole save;
 - async save (exp_manager.async_checkpointing): the loop blocks only while the state is copied to host memory,
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.measure import Stat, ratio_text, run_rounds
 from llama3_hyperpod.torch_backend.checkpoint import Checkpointer, step_dir
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
 from llama3_hyperpod.torch_backend.schedule import build_scheduler
@@ -39,7 +44,10 @@ HF: dict[str, Any] = {
 }  # fmt: skip
 SEQ, MICRO = 128, 2
 BLOCK = 8 * 2**20
-REPEATS = 2
+ROUNDS = 4
+MAX_SPREAD = 0.25
+SYNC_TARGET = 0.7
+ASYNC_TARGET = 0.10
 
 
 def raw_write_bandwidth(directory: Path, nbytes: int) -> float:
@@ -66,20 +74,21 @@ def dir_bytes(path: Path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=None, help="a folder on the disk to measure (default: a temp dir)")
+    p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
-        result = run(base)
+        result = run(base, args.rounds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if args.json:
         print(json.dumps(result, indent=2))
 
 
-def run(base: Path) -> dict[str, Any]:
+def run(base: Path, rounds: int = ROUNDS) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Llama(LlamaArgs.from_hf(HF))
     model.init_weights(seed=0)
@@ -89,8 +98,7 @@ def run(base: Path) -> dict[str, Any]:
 
     def step() -> float:
         t0 = time.perf_counter()
-        logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -98,32 +106,45 @@ def run(base: Path) -> dict[str, Any]:
 
     step()  # AdamW state exists from here on: the checkpoint has its full size
     baseline = statistics.median(step() for _ in range(3))
+    probe = Checkpointer(base / "probe", rank=0, world_size=1, keep=1, async_save=False, hf_config=HF,
+                         log=lambda _m: None)
+    probe.save(1, model, optimizer, scheduler, consumed=0)
+    nbytes = dir_bytes(step_dir(probe.root, 1))
+    shutil.rmtree(probe.root)
 
-    sync_s, nbytes, hash_s, verify_s, load_s = float("inf"), 0, float("inf"), float("inf"), float("inf")
-    for rep in range(REPEATS):  # best of a few: the machine's CPUs and disk are shared
+    def raw_slice(_r: int) -> float:
+        return raw_write_bandwidth(base, nbytes)
+
+    hash_s: list[float] = []
+    verify_s: list[float] = []
+    load_s: list[float] = []
+
+    def sync_slice(r: int) -> float:
         sync = Checkpointer(base / "sync", rank=0, world_size=1, keep=1, async_save=False, hf_config=HF,
                             log=lambda _m: None)
         t0 = time.perf_counter()
-        sync.save(rep + 1, model, optimizer, scheduler, consumed=0)
-        sync_s = min(sync_s, time.perf_counter() - t0)
-        hash_s = min(hash_s, sync.last_hash_s)
-        saved = step_dir(sync.root, rep + 1)
-        nbytes = dir_bytes(saved)
+        sync.save(r + 1, model, optimizer, scheduler, consumed=0)
+        seconds = time.perf_counter() - t0
+        hash_s.append(sync.last_hash_s)
+        saved = step_dir(sync.root, r + 1)
         t0 = time.perf_counter()
         assert sync.verify(saved) is None
-        verify_s = min(verify_s, time.perf_counter() - t0)
+        verify_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         sync.load(saved, model, optimizer, scheduler)
-        load_s = min(load_s, time.perf_counter() - t0)
+        load_s.append(time.perf_counter() - t0)
         shutil.rmtree(sync.root)
+        return seconds
 
-    raw = max(raw_write_bandwidth(base, nbytes) for _ in range(REPEATS))
+    blocked_s: list[float] = []
+    slowdown_s: list[float] = []
+    durable_s: list[float] = []
+    overlapped_n: list[int] = []
 
-    best: tuple[float, float, float, int] | None = None  # (durable s, blocked s, slowdown s, overlapped steps)
-    for rep in range(REPEATS):
+    def async_slice(r: int) -> float:
         asyn = Checkpointer(base / "async", rank=0, world_size=1, keep=1, async_save=True, log=lambda _m: None)
         t0 = time.perf_counter()
-        asyn.save(rep + 1, model, optimizer, scheduler, consumed=0)
+        asyn.save(r + 1, model, optimizer, scheduler, consumed=0)
         blocked = time.perf_counter() - t0
         written_at: list[float] = []
         assert asyn.pending is not None
@@ -132,35 +153,48 @@ def run(base: Path) -> dict[str, Any]:
         while asyn.pending_not_done():
             overlapped.append(step())
         asyn.wait()  # finalise: fsync + rename + done marker (the data is already written)
-        durable = (written_at[0] if written_at else time.perf_counter()) - t0
+        durable_s.append((written_at[0] if written_at else time.perf_counter()) - t0)
         slowdown = sum(max(0.0, t - baseline) for t in overlapped)
-        assert abs(dir_bytes(step_dir(asyn.root, rep + 1)) - nbytes) < 4096  # the same state (done marker aside)
+        assert abs(dir_bytes(step_dir(asyn.root, r + 1)) - nbytes) < 4096  # the same state (done marker aside)
         shutil.rmtree(asyn.root)
-        if best is None or blocked + slowdown < best[1] + best[2]:
-            best = (durable, blocked, slowdown, len(overlapped))
-    assert best is not None
-    async_s, blocked, slowdown, n_overlapped = best
+        blocked_s.append(blocked)
+        slowdown_s.append(slowdown)
+        overlapped_n.append(len(overlapped))
+        return blocked + slowdown
 
+    slices = {"raw": raw_slice, "sync": sync_slice, "async": async_slice}
+    result = run_rounds(list(slices), rounds, lambda v, r: slices[v](r))
+    raw = result.values["raw"]
+    sync_fraction = Stat([nbytes / s / b for s, b in zip(result.values["sync"], raw, strict=True)])
+    async_stall = Stat([a / s for a, s in zip(result.values["async"], result.values["sync"], strict=True)])
     mb = 1e6
-    print(f"checkpoint of {num_params(model) / 1e6:.1f}M params + AdamW state: {nbytes / mb:.0f} MB on {base} "
-          f"(best of {REPEATS})")
-    print(f"raw sequential write + fsync: {raw / mb:.0f} MB/s | training step {baseline:.3f} s")
-    print(f"sync save : {sync_s:.2f} s = {nbytes / sync_s / mb:.0f} MB/s = {100 * nbytes / sync_s / raw:.0f}% of "
-          f"raw | training stall {sync_s:.2f} s ({sync_s / baseline:.1f} steps)")
-    print(f"content hashes: sha256 at save {hash_s:.2f} s ({100 * hash_s / sync_s:.0f}% of the sync save, "
-          f"{nbytes / hash_s / mb:.0f} MB/s) | verify before a load {verify_s:.2f} s, the load itself {load_s:.2f} s "
-          f"(+{100 * verify_s / load_s:.0f}%)")
-    print(f"async save: durable after {async_s:.2f} s = {nbytes / async_s / mb:.0f} MB/s = "
-          f"{100 * nbytes / async_s / raw:.0f}% of raw | training stall {blocked + slowdown:.2f} s (blocked "
-          f"{blocked:.2f} s staging + {slowdown:.2f} s slower over {n_overlapped} overlapping steps)")
+    print(f"checkpoint of {num_params(model) / 1e6:.1f}M params + AdamW state: {nbytes / mb:.0f} MB on {base}; "
+          f"{rounds} interleaved rounds of raw write, sync save, async save (medians [quartiles, range])")
+    print(f"load: {result.load_summary()}")
+    print(f"raw sequential write + fsync: {Stat([x / mb for x in raw]).text('{:.0f}', ' MB/s')} | "
+          f"training step {baseline:.3f} s")
+    sync_stat = result.stat("sync")
+    text, _ = ratio_text(sync_fraction, MAX_SPREAD)
+    print(f"sync save : {sync_stat.text('{:.2f}', ' s')} = {text.replace('x', ' of raw', 1)} "
+          f"(target >= {SYNC_TARGET:.2f}: {'met' if sync_fraction.median >= SYNC_TARGET else 'NOT met'}) | "
+          f"training stall = the whole save")
+    print(f"content hashes: sha256 at save {Stat(hash_s).text('{:.2f}', ' s')} | verify before a load "
+          f"{Stat(verify_s).text('{:.2f}', ' s')}, the load itself {Stat(load_s).text('{:.2f}', ' s')}")
+    text, _ = ratio_text(async_stall, MAX_SPREAD)
+    print(f"async save: durable after {Stat(durable_s).text('{:.2f}', ' s')} | training stall "
+          f"{result.stat('async').text('{:.2f}', ' s')} (blocked {Stat(blocked_s).text('{:.2f}', ' s')} staging + "
+          f"slower overlapping steps {Stat(slowdown_s).text('{:.2f}', ' s')}) = "
+          f"{text.replace('x', ' of the sync save', 1)} (target <= {ASYNC_TARGET:.2f}: "
+          f"{'met' if async_stall.median <= ASYNC_TARGET else 'NOT met'})")
+    if result.disturbed_rounds() > result.n_rounds() // 2:
+        print(f"WARNING: the machine was too busy to measure well ({result.disturbed_rounds()} of {rounds} rounds)")
     return {
-        "params": num_params(model), "checkpoint_bytes": nbytes, "raw_write_MBps": raw / mb, "step_s": baseline,
-        "sync": {"seconds": sync_s, "MBps": nbytes / sync_s / mb, "fraction_of_raw": nbytes / sync_s / raw,
-                 "stall_s": sync_s, "hash_s": hash_s},
-        "load": {"verify_s": verify_s, "load_s": load_s},
-        "async": {"seconds_to_durable": async_s, "MBps": nbytes / async_s / mb,
-                  "fraction_of_raw": nbytes / async_s / raw, "blocked_s": blocked, "overlapped_steps": n_overlapped,
-                  "overlap_slowdown_s": slowdown, "stall_s": blocked + slowdown},
+        "params": num_params(model), "checkpoint_bytes": nbytes, "step_s": baseline, "rounds": rounds,
+        "raw_write_Bps": raw, "sync_s": result.values["sync"], "sync_fraction_of_raw": sync_fraction.values,
+        "hash_s": hash_s, "verify_s": verify_s, "load_s": load_s, "async_stall_s": result.values["async"],
+        "async_blocked_s": blocked_s, "async_slowdown_s": slowdown_s, "async_durable_s": durable_s,
+        "async_overlapped_steps": overlapped_n, "async_stall_fraction_of_sync": async_stall.values,
+        "others_cores": {k: [x.others_cores for x in v] for k, v in result.loads.items()},
     }  # fmt: skip
 
 

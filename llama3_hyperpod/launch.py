@@ -6,7 +6,9 @@ time-limit warning) and it turns a worker's exit code into 1. So the launched pr
 says so with a marker file in the run dir, which becomes exit code 85 here. SIGINT / SIGHUP received here end the
 launch with 130 / 129 (the trainer checkpoints on them like on SIGTERM).
 
-A forwarded signal reaches each worker once it has a handler for it (its SigCgt mask in /proc): a USR1 that comes
+A launch of one process on one node runs the trainer as the child itself (no torchrun): signals then go to it the
+same way, and its own exit code (85 after a requeue checkpoint) is the launch's. A forwarded signal reaches each
+worker once it has a handler for it (its SigCgt mask in /proc): a USR1 that comes
 while the workers are still starting (importing torch, or not yet spawned) waits for them instead of being dropped
 on the inherited SIG_IGN. TERM/INT/HUP go to a worker that has no handler yet after a short grace period (they then
 end it, as the sender asked); with no worker started yet they go to torchrun, which then stops starting them.
@@ -67,7 +69,8 @@ def catches(pid: int, signum: int) -> bool:
 class Forwarder:
     """Signals received by the launcher, delivered to every worker (descendant of the child) once it can take them."""
 
-    def __init__(self) -> None:
+    def __init__(self, direct: bool = False) -> None:
+        self.direct = direct  # the child is the worker itself (no torchrun in between)
         self.child_pid: int | None = None
         self.received: list[int] = []
         self._pending: dict[int, tuple[float, set[int]]] = {}  # signum -> (received at, pids delivered to)
@@ -87,7 +90,8 @@ class Forwarder:
         if self.child_pid is None or not self._pending:
             return
         try:
-            workers = psutil.Process(self.child_pid).children(recursive=True)
+            child = psutil.Process(self.child_pid)
+            workers = [child] if self.direct else child.children(recursive=True)
         except psutil.NoSuchProcess:
             return
         for signum, (since, done) in self._pending.items():
@@ -157,7 +161,7 @@ def run(
         print(f"error: working directory {launch.cwd} does not exist (is this the right image/backend?)",
               file=sys.stderr)
         return 127
-    forwarder = Forwarder()
+    forwarder = Forwarder(direct=launch.direct)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         forwarder.receive(signum)

@@ -16,6 +16,9 @@ class Launch:
     env_kept: dict[str, str]  # names we would set but the caller already had: their values stay
     cwd: str
     env_replaced: dict[str, str] = field(default_factory=dict)  # caller's values a forced name replaces
+    # True when argv is the worker itself (one process on one node: no torchrun agent in between), so the launcher
+    # delivers signals to it rather than to its children.
+    direct: bool = False
 
     def shell(self) -> str:
         """The launch as one shell line (for dry runs and docs)."""

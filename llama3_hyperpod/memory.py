@@ -13,6 +13,10 @@ accumulation and fp32 Adam states with fp32 master weights (2 + 4 + 12); fp32 ev
 The activation count follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models"), redone for Llama's blocks (RMSNorm, GQA, SwiGLU, no dropout). It leaves out compiler/runtime scratch
 space, so a plan above 90% of device memory gets a warning.
+
+The torch backends (`_torch_estimate`) are this project's own code, so their estimate is what that code keeps alive
+at its peak, tensor by tensor, with each tensor's dtype, plus the process itself (imports, allocator): the trainer
+measures the true peak (ru_maxrss on CPU, the allocator's peak on CUDA) and warns when they differ by more than 20%.
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ class MemoryEstimate:
     fits: bool | None
     precision: str
     recompute: str
+    # torch backends: what the process holds besides the tensors (imports, allocator), the working set of the
+    # backward pass at its peak, and which moment of the step the total is the peak of. `total` is the peak, not
+    # the sum of the parts there (gradients and activations are not all alive at once).
+    baseline: int = 0
+    transient: int = 0
+    allocator: int = 0
+    peak_phase: str = ""
 
 
 def bytes_per_param(backend: str, device: str, precision: str) -> BytesPerParam:
@@ -93,6 +104,8 @@ def _layer_activation_elements(rc: RunConfig) -> int:
 
 
 def estimate_memory(rc: RunConfig, backend: str, device: str, device_memory: int | None) -> MemoryEstimate:
+    if backend == "torch":
+        return _torch_estimate(rc, device, device_memory)
     precision = str(rc.cfg.precision.type)
     b = bytes_per_param(backend, device, precision)
     n = params_per_device(rc)
@@ -144,3 +157,118 @@ def flops_per_token(rc: RunConfig) -> int:
     matmul_params = m.parameter_count() - m.vocab_size * m.hidden_size * (0 if m.tie_word_embeddings else 1)
     matmul_params -= (2 * m.num_layers + 1) * m.hidden_size  # RMSNorm weights do no matmul
     return 6 * matmul_params + 12 * m.num_layers * m.hidden_size * rc.seq_len
+
+
+# What a torch-backend trainer process holds before its first tensor: the interpreter, torch, datasets/pyarrow,
+# TensorBoard's writer, our modules, the allocator's arenas. Measured as RSS after those imports with torch 2.13 CPU on
+# Linux (0.36 GiB) plus the trainer's own start (dataset opened, GEMM peak measured, process group: 0.1 GiB). On
+# CUDA the allocator's peak does not see it (nor the CUDA context), so there it is 0 and the check compares tensors.
+TORCH_CPU_BASELINE = int(0.46 * GIB)
+# glibc's heap keeps what a step freed (its saved activations, the backward's temporaries) for the next, and the
+# next step's tensors do not fit back into its holes exactly: the resident peak is above the live peak by about a
+# quarter of what a step allocates and frees (measured with the ~58M bench shape: live peak 1.70 + 0.04 GiB,
+# ru_maxrss 2.04 GiB with 1 thread, 2.17 GiB with 2; RSS after the optimizer step stayed 0.8 GiB above what was
+# alive). The CUDA caching allocator's peak counts live tensors only.
+CPU_HEAP_OVERHEAD = 0.25
+_CE_CHUNK_BYTES = 2**23 * 4  # model.py _CE_CHUNK_ELEMENTS fp32 logits, the fused cross-entropy's chunk buffer
+
+
+def _torch_layer_saved(rc: RunConfig, device: str, *, recompute: str | None) -> int:
+    """Bytes one transformer block of torch_backend/model.py keeps for backward, per micro batch, with dtypes.
+
+    Per token, with h hidden, f MLP width, q/kv heads of head_dim d held on this rank (split by TP), s = TP when
+    sequence parallel else 1: the block's input x (h/s, saved by its RMSNorm) and the residual after attention x2
+    (h/s); the normalised inputs of the QKV GEMM and of gate/up (h each: DTensor all-gathers them under sequence
+    parallel and the GEMM keeps the gathered copy); RoPE'd q and k and v ((2 q + 2 kv) d, the attention's inputs);
+    the attention output (q d, the o projection's input) and its log-sum-exp (q floats); gate, SiLU(gate), up and
+    their product (4 f: the autograd of silu and mul keeps three, the down GEMM the fourth). fp32 on CPU. On CUDA
+    (bf16 autocast) the residuals and the QKV input stay fp32 (our fused QKV node saves its input as it came), the
+    GEMM outputs are bf16, and gate and up each save their own bf16 cast of the normalised input.
+    """
+    m, lay = rc.model, rc.layout
+    tokens = rc.seq_len * rc.micro_batch_size
+    h, f, d, tp = m.hidden_size, m.intermediate_size, m.head_dim, lay.tp
+    sp = tp if lay.sequence_parallel else 1
+    q = m.num_attention_heads // tp
+    kv = max(m.num_key_value_heads * lay.kv_replicator, tp) // tp
+    if recompute == "full":
+        return tokens * h // sp * 4  # only the block's input; one block is recomputed at a time (caller adds it)
+    act = 2 if device == "cuda" else 4  # dtype of GEMM outputs
+    residuals = 2 * h // sp * 4
+    gemm_inputs = h * 4 + (2 * h * act if device == "cuda" else h * 4)
+    attention = (2 * q + 2 * kv) * d * act + q * 4
+    mlp = 4 * (f // tp) * act
+    return tokens * (residuals + gemm_inputs + attention + mlp)
+
+
+def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> MemoryEstimate:
+    """The torch trainer's peak per rank: max over the moments of a step of what is alive then.
+
+    - parameters: fp32 (4 B), split by TP; with data parallel (FSDP2) each rank keeps its shard, plus the gathered
+      parameters while the step runs (all of them when zero1 keeps them gathered between forward and backward,
+      else about one block and the root's);
+    - AdamW: two fp32 moments (8 B) per parameter held, sharded like the parameters;
+    - gradients: fp32, like the parameters (the unsharded gradients of one block wait for their reduce-scatter);
+    - end of forward = start of backward: parameters + optimizer + every block's saved tensors + the loss node's
+      saved gradients (the fused cross-entropy computes the output layer's gradients in its forward: (tokens, h)
+      and (vocab, h) in fp32, plus its 32 MiB chunk buffer) + gradients already accumulated (grad accumulation);
+      under TP the vocab-sharded logits go through loss parallel instead: logits, log-softmax and their gradient,
+      (tokens, vocab / TP) fp32 each; plus the working set of the first block's backward;
+    - the optimizer step: parameters + optimizer + all gradients;
+    - plus the process itself (TORCH_CPU_BASELINE on CPU) and the allocator's slack (CPU_HEAP_OVERHEAD).
+    """
+    m, lay = rc.model, rc.layout
+    n = params_per_device(rc)
+    tokens = rc.seq_len * rc.micro_batch_size
+    h, f, tp, dp = m.hidden_size, m.intermediate_size, lay.tp, lay.dp
+    granularity = rc.cfg.model.activations_checkpoint_granularity
+    layers = m.num_layers
+    block = (2 * h * h + 2 * h * m.head_dim * m.num_key_value_heads + 3 * h * f) // tp + 2 * h
+    root = n - layers * block
+    if dp > 1:
+        gathered = n if lay.zero1 else 2 * block + root
+        weights = (n // dp + gathered) * 4
+        grads_step = (n // dp + block) * 4
+    else:
+        weights, grads_step = n * 4, n * 4
+    optimizer = n // dp * 8
+    saved = layers * _torch_layer_saved(rc, device, recompute=granularity)
+    if granularity == "full":
+        saved += _torch_layer_saved(rc, device, recompute=None)
+    act = 2 if device == "cuda" else 4
+    sp = tp if lay.sequence_parallel else 1
+    saved += tokens * h // sp * 4  # the last block's output, kept by the final norm
+    if tp > 1:
+        loss = 3 * tokens * m.vocab_size // tp * 4 + tokens * h * 4  # loss parallel on the logits + output's input
+        output_grad = 0
+    else:
+        loss = tokens * h * 4 + _CE_CHUNK_BYTES
+        output_grad = m.vocab_size * h * 4 // dp if dp > 1 else m.vocab_size * h * 4
+    # The first block's backward: gradients of its MLP intermediates (3 x f) and of two hidden-size tensors.
+    transient = tokens * (3 * (f // tp) * act + 2 * h * 4)
+    accumulated = grads_step if rc.grad_accum_steps > 1 else 0
+    at_backward = weights + optimizer + saved + loss + output_grad + accumulated + transient
+    at_step = weights + optimizer + grads_step
+    baseline = TORCH_CPU_BASELINE if device == "cpu" else 0
+    allocator = int(CPU_HEAP_OVERHEAD * (saved + loss + transient)) if device == "cpu" else 0
+    peak, phase = (at_backward, "start of backward") if at_backward >= at_step else (at_step, "optimizer step")
+    total = baseline + allocator + peak
+    return MemoryEstimate(
+        params_per_device=n,
+        weights=weights,
+        gradients=n // dp * 4 if dp > 1 else n * 4,
+        optimizer=optimizer,
+        optimizer_without_zero1=optimizer,
+        activations=saved,
+        logits=loss + output_grad,
+        total=total,
+        total_without_zero1=total,
+        device_memory=device_memory,
+        fits=None if device_memory is None else total <= device_memory,
+        precision=str(rc.cfg.precision.type),
+        recompute=str(granularity),
+        baseline=baseline,
+        transient=transient,
+        allocator=allocator,
+        peak_phase=phase,
+    )

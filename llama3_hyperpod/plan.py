@@ -401,6 +401,10 @@ def _torch_commands(
         # seconds of g++ per start): off, so a baked cache makes a start compile nothing. Part of the cache key:
         # compile and train get the same value.
         wanted["TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS"] = "0"
+        if not cache_dir.startswith("s3://"):
+            # The MFU denominator (this CPU's fp32 GEMM rate), measured once per machine type instead of at every
+            # start (torch_backend/metrics.py cached_cpu_gemm_flops).
+            wanted["L3HP_GEMM_PEAK_FILE"] = str(Path(cache_dir) / "gemm-peak.json")
     added, kept, _ = split_env(wanted, env)
     rendezvous = [
         "--nproc_per_node", str(rc.layout.devices_per_node), "--nnodes", str(cluster.num_nodes),
@@ -408,11 +412,19 @@ def _torch_commands(
         "--master_port", str(cluster.master_port),
     ]
 
-    # In an image the SDK environment's torchrun is the agent (the same split as NxDT's launch) and starts the
-    # project's interpreter as its workers; elsewhere one interpreter is both.
+    # One process on one node needs no agent: the trainer runs as the launcher's child (one interpreter and one
+    # torch import fewer, ~2 s of every start; bench/warm_start.py). It needs nothing torchrun would give it (no
+    # rendezvous; RANK, LOCAL_RANK, GROUP_RANK default to 0), and the launcher forwards signals to it directly.
+    # Otherwise, in an image, the SDK environment's torchrun is the agent (the same split as NxDT's launch) and
+    # starts the project's interpreter as its workers; elsewhere one interpreter is both.
+    direct = rc.layout.devices_per_node == 1 and cluster.num_nodes == 1
     sdk_python = env.get(neuron_launch.SDK_PYTHON_ENV)
-    agent = [sdk_python, "-m", "torch.distributed.run", *rendezvous, "--no-python", python] if sdk_python \
-        else [python, "-m", "torch.distributed.run", *rendezvous]
+    if direct:
+        agent = [python]
+    elif sdk_python:
+        agent = [sdk_python, "-m", "torch.distributed.run", *rendezvous, "--no-python", python]
+    else:
+        agent = [python, "-m", "torch.distributed.run", *rendezvous]
 
     def argv(mode: str) -> list[str]:
         return [
@@ -422,4 +434,4 @@ def _torch_commands(
         ]
 
     cwd = str(Path.cwd())
-    return {"compile": Launch(argv("compile"), added, kept, cwd), "train": Launch(argv("train"), added, kept, cwd)}
+    return {mode: Launch(argv(mode), added, kept, cwd, direct=direct) for mode in ("compile", "train")}

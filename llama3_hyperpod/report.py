@@ -59,9 +59,15 @@ def render_plan(plan: Plan, console: Console) -> None:
     m.add_row(f"optimizer states{' (ZeRO-1)' if lay.zero1 else ''}", gib(mem.optimizer))
     m.add_row("activations", gib(mem.activations))
     m.add_row("logits (fp32, loss)", gib(mem.logits))
+    if mem.peak_phase:  # torch backends: what else is resident, and when the peak is
+        m.add_row("backward working set", gib(mem.transient))
+        m.add_row("process (imports, runtime)", gib(mem.baseline))
+        m.add_row("allocator slack", gib(mem.allocator))
     verdict = "" if mem.fits is None else (" [green]fits[/green]" if mem.fits else " [red]does NOT fit[/red]")
-    m.add_row("[bold]total[/bold]", f"[bold]{gib(mem.total)}[/bold] of {gib(mem.device_memory)}{verdict}")
-    m.add_row("total without ZeRO-1", gib(mem.total_without_zero1))
+    peak = f" (peak: {mem.peak_phase})" if mem.peak_phase else ""
+    m.add_row(f"[bold]total[/bold]{peak}", f"[bold]{gib(mem.total)}[/bold] of {gib(mem.device_memory)}{verdict}")
+    if not mem.peak_phase:
+        m.add_row("total without ZeRO-1", gib(mem.total_without_zero1))
     console.print(m)
 
     for mode, launch in plan.commands.items():

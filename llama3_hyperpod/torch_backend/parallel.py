@@ -114,6 +114,9 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
         },
     )
     for block in model.layers:
+        # wq/wk/wv: ColwiseParallel places each weight's head shards on its rank; Attention.forward then runs the
+        # three as one GEMM on the local shards and does the column-parallel input/gradient handling itself
+        # (model._tp_input), so their module hooks are not on the path.
         plan: dict[str, object] = {
             "attn.wq": ColwiseParallel(),
             "attn.wk": ColwiseParallel(),

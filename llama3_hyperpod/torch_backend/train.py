@@ -43,21 +43,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F  # noqa: N812  (the universal PyTorch spelling)
 from torch.distributed.tensor import DTensor
 
 from llama3_hyperpod import runlock
 from llama3_hyperpod.config import ConfigError, RunConfig, load_config
 from llama3_hyperpod.errors import requeue_marker
 from llama3_hyperpod.fsutil import write_text
+from llama3_hyperpod.memory import estimate_memory
 from llama3_hyperpod.torch_backend import parallel
 from llama3_hyperpod.torch_backend.checkpoint import Checkpointer, CheckpointError, stderr_log
-from llama3_hyperpod.torch_backend.data import IGNORE_INDEX, Batches, load_train_dataset
+from llama3_hyperpod.torch_backend.data import Batches, load_train_dataset
 from llama3_hyperpod.torch_backend.metrics import (
     MetricsWriter,
     StepMetrics,
     flops_per_token,
     memory_bytes,
+    memory_verdict,
     peak_flops,
 )
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
@@ -82,6 +83,8 @@ class TrainResult:
     start_step: int = 0  # > 0 when the run resumed from a checkpoint
     stop_signal: int = 0  # stopped on this signal after checkpointing (0: ran to the end)
     checkpoint_stall_s: list[float] = field(default_factory=list)  # time each save blocked the loop
+    peak_memory: int = 0  # bytes, the largest rank's true peak (ru_maxrss on CPU, the allocator's peak on CUDA)
+    memory_estimate: int = 0  # bytes per rank, the plan's estimate (llama3_hyperpod.memory)
 
     @property
     def requeue(self) -> bool:
@@ -285,10 +288,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
                 parallel.set_grad_sync(model, micro == rc.grad_accum_steps - 1)
                 with parallel.loss_context(d):
                     with _autocast(device, cfg.precision.type):
-                        logits = model(tokens)
-                    loss = F.cross_entropy(
-                        logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE_INDEX
-                    )
+                        loss = model(tokens, targets)  # mean cross-entropy over the non-ignored targets, fp32
                     (loss / rc.grad_accum_steps).backward()
                 loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()  # type: ignore[attr-defined]
             grad_norm = parallel.clip_grad_norm(model, cfg.trainer.gradient_clip_val)
@@ -340,6 +340,12 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
     finally:
         writer.close()  # also on a failed save: frees the files (a full disk can then be unmounted)
     result.wall_s = time.perf_counter() - started
+    result.peak_memory = _max_over_ranks(memory_bytes(device), d, device)
+    result.memory_estimate = estimate_memory(rc, "torch", device, None).total
+    memory_line, memory_ok = memory_verdict(result.peak_memory, result.memory_estimate,
+                                            "allocator" if device == "cuda" else "ru_maxrss")
+    if d.is_main and echo and not memory_ok:
+        stderr_log(f"train: warning: {memory_line}: the estimate is off by more than 20% (llama3_hyperpod/memory.py)")
     if result.stop_signal:
         if result.requeue and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             # After the checkpoint is complete, once per node: its launcher turns the marker into exit 85 (torchrun
@@ -359,12 +365,20 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
             f"summary: steps {start_step + 1}-{max_steps} in {result.wall_s:.1f} s | loss {result.losses[0]:.4f} -> "
             f"{result.losses[-1]:.4f} | {result.steady('tokens_per_s'):,.0f} tok/s | "
             f"MFU {100 * result.steady('mfu'):.1f}% of {peak_total / 1e12:.2f} TFLOP/s | "
-            f"peak mem {max(m.memory_gib for m in result.history):.2f} GiB | "
+            f"{memory_line} | "
             f"inductor cache files {cache_before} -> {cache_after}"
             + (f" | {_compile_cache_counters()}" if cfg.torch_backend.compile else ""),
             flush=True,
         )
     return result
+
+
+def _max_over_ranks(value: int, d: parallel.Dist, device: str) -> int:
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _stop_signal(local: int, d: parallel.Dist, device: str) -> int:

@@ -68,20 +68,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cli_argv(out: Path, run_name: str, dataset: Path, *extra: str) -> list[str]:
+def cli_argv(out: Path, run_name: str, dataset: Path, *extra: str, devices: int = 2) -> list[str]:
     return [sys.executable, str(REPO / "entrypoint.py"), "train", str(CONFIG_TINY), "--backend", "torch-cpu",
-            "--output-dir", str(out), "--run-name", run_name, *COMMON, "trainer.devices=2",
+            "--output-dir", str(out), "--run-name", run_name, *COMMON, f"trainer.devices={devices}",
             f"data.train_dir={dataset}", *extra]
 
 
 def start_cli(out: Path, run_name: str, dataset: Path, *extra: str, env: dict[str, str] | None = None,
-              log_name: str | None = None) -> subprocess.Popen[str]:
-    """`entrypoint.py train` with 2 CPU ranks (data parallel 2), as a user or job.sh would start it."""
+              log_name: str | None = None, devices: int = 2) -> subprocess.Popen[str]:
+    """`entrypoint.py train` with 2 CPU ranks (data parallel 2), as a user or job.sh would start it; devices=1:
+    one process, which the launcher starts directly (no torchrun)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     full_env |= {"OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), **(env or {})}
     log = (out / f"{log_name or run_name}.log").open("a")
-    return subprocess.Popen(cli_argv(out, run_name, dataset, *extra), cwd=REPO, env=full_env, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cli_argv(out, run_name, dataset, *extra, devices=devices), cwd=REPO, env=full_env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen[str], log: Path) -> int:
@@ -232,6 +233,53 @@ def test_every_stop_checkpoints_with_its_exit_code_and_resumes(run_a: Path, data
         assert f"(step {stop}," in log  # each restart resumed from the checkpoint of the stop before it
     assert stops[0] == 1  # the early USR1 was not lost: it stopped the run after its first step
     assert_same_run(run, run_a)
+
+
+DIRECT_STOPS = (
+    (signal.SIGUSR1, None, EXIT_REQUEUE),  # before the trainer has its handlers
+    (signal.SIGTERM, 6, EXIT_REQUEUE),
+    (signal.SIGINT, 12, 130),
+    (signal.SIGKILL, 18, None),  # of the launcher alone: the trainer must not outlive it
+)
+
+
+def test_one_process_without_torchrun_stops_requeues_and_resumes_bit_for_bit(dataset: Path,
+                                                                            tmp_path: Path) -> None:
+    """trainer.devices=1 on one node: the launcher runs the trainer itself, no torchrun in between. Signals still
+    reach it (an early USR1 too), each stop checkpoints at the next step boundary with its exit code, the requeue
+    marker becomes 85, the run dir's lock is held, a SIGKILL of the launcher takes the trainer with it, and the
+    interrupted run equals an uninterrupted one bit for bit."""
+    reference = start_cli(tmp_path, "R", dataset, devices=1)
+    assert finish(reference, tmp_path / "R.log") == 0, (tmp_path / "R.log").read_text()[-4000:]
+    log_text = (tmp_path / "R.log").read_text()
+    assert "torch.distributed.run" not in log_text and "tp 1 x dp 1" in log_text
+    run = tmp_path / "D"
+    stops = []
+    for sig, at, code in DIRECT_STOPS:
+        proc = start_cli(tmp_path, "D", dataset, devices=1)
+        if at is None:
+            time.sleep(0.3)
+        else:
+            wait_for_step(run, at, proc)
+            assert read_holder(run / LOCK_NAME).get("pid") == proc.pid  # the launcher holds the run dir
+        seen = steps_logged(run)
+        tree = descendants(proc.pid)
+        proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            proc.wait(timeout=30)
+            _, alive = psutil.wait_procs(tree, timeout=60)
+            assert not alive and tree, f"still running after the launcher was killed: {alive}"
+            assert all("torch.distributed.run" not in " ".join(p.cmdline()) for p in tree if p.is_running())
+        else:
+            assert finish(proc, tmp_path / "D.log") == code, (tmp_path / "D.log").read_text()[-4000:]
+            assert not list(run.glob(f"{REQUEUE_MARKER}*"))
+        newest = complete_checkpoints(run / CHECKPOINTS)[-1][0]
+        assert seen <= newest <= seen + 2, (sig, seen, newest)
+        stops.append(newest)
+    proc = start_cli(tmp_path, "D", dataset, devices=1)
+    assert finish(proc, tmp_path / "D.log") == 0
+    assert stops[0] == 1  # the early USR1 stopped the run after its first step
+    assert_same_run(run, tmp_path / "R")
 
 
 def copy_run(src: Path, dest: Path) -> Path:

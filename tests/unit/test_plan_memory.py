@@ -106,16 +106,32 @@ def test_cli_plan_json_for_tiny() -> None:
 
 
 def test_train_dry_run_prints_the_launch() -> None:
-    result = run_cli("train", str(CONFIG_TINY), "--backend", "torch-cpu", "--dry-run", "trainer.max_steps=3")
+    result = run_cli("train", str(CONFIG_TINY), "--backend", "torch-cpu", "--dry-run", "trainer.max_steps=3",
+                     "trainer.devices=2", "data.global_batch_size=16")
     assert result.returncode == 0, result.stderr
     assert "torch.distributed.run" in result.stdout and "trainer.max_steps=3" in result.stdout
+
+
+def test_one_process_on_one_node_runs_the_trainer_without_torchrun() -> None:
+    """No agent interpreter for a single worker (warm start): the trainer is the launched process itself, and the
+    launcher is told so (it then forwards signals to it instead of to its children)."""
+    plan = build_plan(CONFIG_TINY, [], detect_accelerator("torch-cpu"), {"L3HP_SDK_PYTHON": "/opt/sdk/bin/python"},
+                      output_dir="/tmp/out", python="/opt/venv/bin/python")
+    for mode in ("compile", "train"):
+        launch = plan.commands[mode]
+        assert launch.direct and "torch.distributed.run" not in launch.argv
+        assert launch.argv[:3] == ["/opt/venv/bin/python", "-m", "llama3_hyperpod.torch_backend.train"]
+        assert launch.argv[launch.argv.index("--mode") + 1] == mode
+    two = build_plan(CONFIG_TINY, ["trainer.num_nodes=2", "data.global_batch_size=16"],
+                     detect_accelerator("torch-cpu"), {})
+    assert not two.commands["train"].direct and "torch.distributed.run" in two.commands["train"].argv
 
 
 def test_torch_launch_in_an_image_uses_the_sdk_torchrun_and_the_projects_python() -> None:
     """The same split as the neuron launch: the SDK environment's torchrun is the agent, and it starts the
     project's interpreter (--no-python) for the workers."""
-    plan = build_plan(CONFIG_TINY, [], detect_accelerator("torch-cpu"), {"L3HP_SDK_PYTHON": "/opt/sdk/bin/python"},
-                      output_dir="/tmp/out", python="/opt/venv/bin/python")
+    plan = build_plan(CONFIG_TINY, ["trainer.devices=2", "data.global_batch_size=16"], detect_accelerator("torch-cpu"),
+                      {"L3HP_SDK_PYTHON": "/opt/sdk/bin/python"}, output_dir="/tmp/out", python="/opt/venv/bin/python")
     argv = plan.commands["train"].argv
     assert argv[:3] == ["/opt/sdk/bin/python", "-m", "torch.distributed.run"]
     i = argv.index("--no-python")

@@ -84,3 +84,30 @@ def test_rope_parameters_spelling_of_transformers_5_is_accepted() -> None:
         | {"rope_parameters": dict(LLAMA31_SCALING, rope_theta=123.0)}
     )
     assert args.rope_theta == 123.0 and args.rope_scaling and args.rope_scaling["factor"] == 8.0
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-blocks"])
+def test_loss_and_gradients_match_transformers(compiled: bool) -> None:
+    """The fused paths (QKV + RoPE node, RMSNorm node, output layer + cross-entropy node) and, under torch.compile,
+    the plain formulas that replace the first two give transformers' loss and every parameter's gradient."""
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**HF_SMALL))
+    ours = Llama(LlamaArgs.from_hf(HF_SMALL))
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict()))
+    if compiled:
+        for block in ours.layers:
+            block.compile()
+    tokens = torch.randint(0, HF_SMALL["vocab_size"], (2, 48))
+    targets = torch.randint(0, HF_SMALL["vocab_size"], (2, 48))
+    targets[0, :5] = -100  # IGNORE_INDEX: not counted by either
+    logits = hf(tokens).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+    expected.backward()
+    got = ours(tokens, targets)
+    got.backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    hf_grads = {k: p.grad for k, p in hf.named_parameters()}
+    ours_grads = {k: p.grad for k, p in ours.named_parameters() if p.grad is not None}
+    assert len(ours_grads) == len(hf_grads)  # every parameter got a gradient
+    for key, grad in to_hf_state_dict(ours_grads).items():
+        torch.testing.assert_close(grad, hf_grads[key], atol=1e-5, rtol=1e-4, msg=key)
