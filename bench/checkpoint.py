@@ -71,7 +71,8 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
+def main() -> int:
+    """Exit 1 when a target is not met, like the other benches."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=None, help="a folder on the disk to measure (default: a temp dir)")
     p.add_argument("--rounds", type=int, default=ROUNDS)
@@ -86,6 +87,7 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     if args.json:
         print(json.dumps(result, indent=2))
+    return 0 if result["targets_met"] else 1
 
 
 def run(base: Path, rounds: int = ROUNDS) -> dict[str, Any]:
@@ -195,8 +197,9 @@ def run(base: Path, rounds: int = ROUNDS) -> dict[str, Any]:
         "async_blocked_s": blocked_s, "async_slowdown_s": slowdown_s, "async_durable_s": durable_s,
         "async_overlapped_steps": overlapped_n, "async_stall_fraction_of_sync": async_stall.values,
         "others_cores": {k: [x.others_cores for x in v] for k, v in result.loads.items()},
+        "targets_met": sync_fraction.median >= SYNC_TARGET and async_stall.median <= ASYNC_TARGET,
     }  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
