@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama3_hyperpod.config import ConfigError
+from llama3_hyperpod.errors import ConfigError
 
 IGNORE_INDEX = -100
 
