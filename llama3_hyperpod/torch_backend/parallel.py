@@ -100,7 +100,7 @@ def init_distributed(layout: Layout, device: str) -> Dist:
     )
 
 
-def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+def _tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
     """Shard attention by head and the MLP by hidden unit; with sequence parallel, norms work on seq shards."""
     act = Shard(1) if sequence_parallel else Replicate()
     parallelize_module(
@@ -146,16 +146,16 @@ def parallelize(model: Llama, mesh: DeviceMesh | None, layout: Layout, *, compil
     """
     if layout.tp > 1:
         assert mesh is not None
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
+        _tensor_parallel(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
     if compile:
         for block in model.layers:
             block.compile()
     if layout.dp > 1:
         assert mesh is not None
-        apply_data_parallel(model, mesh["dp"], layout)
+        _data_parallel(model, mesh["dp"], layout)
 
 
-def apply_data_parallel(model: Llama, dp_mesh: DeviceMesh, layout: Layout) -> None:
+def _data_parallel(model: Llama, dp_mesh: DeviceMesh, layout: Layout) -> None:
     """FSDP2 over the dp mesh: per block, then the root (embeddings, final norm, output)."""
     # NxDT's zero1 shards only optimizer state; keeping parameters gathered between forward and backward
     # (no reshard) is the closest FSDP2 setting and saves one all-gather per block.
