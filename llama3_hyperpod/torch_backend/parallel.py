@@ -100,7 +100,7 @@ def init_distributed(layout: Layout, device: str) -> Dist:
     )
 
 
-def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+def _tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
     """Shard attention by head and the MLP by hidden unit; with sequence parallel, norms work on seq shards."""
     act = Shard(1) if sequence_parallel else Replicate()
     parallelize_module(
@@ -138,10 +138,25 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
         parallelize_module(block, tp_mesh, plan)  # type: ignore[arg-type]
 
 
-def apply_data_parallel(model: Llama, d: Dist, layout: Layout) -> None:
+def parallelize(model: Llama, mesh: DeviceMesh | None, layout: Layout, *, compile: bool) -> None:
+    """The one place for the order: TP, then torch.compile per block, then FSDP (all in place).
+
+    Compile sees the TP-sharded block and runs before FSDP wraps it, so one graph serves every layer.
+    `mesh` is None for one process (init_distributed has checked that then tp = dp = 1).
+    """
+    if layout.tp > 1:
+        assert mesh is not None
+        _tensor_parallel(model, mesh["tp"], sequence_parallel=layout.sequence_parallel)
+    if compile:
+        for block in model.layers:
+            block.compile()
+    if layout.dp > 1:
+        assert mesh is not None
+        _data_parallel(model, mesh["dp"], layout)
+
+
+def _data_parallel(model: Llama, dp_mesh: DeviceMesh, layout: Layout) -> None:
     """FSDP2 over the dp mesh: per block, then the root (embeddings, final norm, output)."""
-    assert d.mesh is not None
-    dp_mesh = d.mesh["dp"]
     # NxDT's zero1 shards only optimizer state; keeping parameters gathered between forward and backward
     # (no reshard) is the closest FSDP2 setting and saves one all-gather per block.
     reshard = not layout.zero1

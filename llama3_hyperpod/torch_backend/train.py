@@ -1,4 +1,4 @@
-"""The torch backend's training loop, top to bottom in one function (`train`), plus its command line.
+"""The torch backend's training loop (`train`: build, then train_step after train_step), plus its command line.
 
     python -m llama3_hyperpod.torch_backend.train --config X.yaml --run-dir D --mode train|compile \
         --device cpu|cuda [key.path=value ...]
@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
 
 from llama3_hyperpod import runlock
 from llama3_hyperpod.config import ConfigError, RunConfig, load_config
@@ -65,6 +66,7 @@ from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
 from llama3_hyperpod.torch_backend.rundir import refuse_links_in
 from llama3_hyperpod.torch_backend.schedule import build_scheduler
 from llama3_hyperpod.torch_backend.signals import StopRequest, exit_code
+from llama3_hyperpod.torch_backend.step_boundary import StepBoundary
 
 COMPILE_MODE_STEPS = 3
 
@@ -160,15 +162,6 @@ def _checkpointer(rc: RunConfig, run_dir: Path, d: parallel.Dist, echo: bool) ->
     )
 
 
-def _agree(stop: int, pending: int, d: parallel.Dist, device: str) -> tuple[bool, bool]:
-    """(some rank was asked to stop, every rank's async save is written): one tiny all_reduce per step."""
-    if d.world_size == 1:
-        return bool(stop), not pending
-    flags = torch.tensor([int(bool(stop)), pending], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return bool(flags[0].item()), not flags[1].item()
-
-
 def train(rc: RunConfig, run_dir: Path, *, mode: str = "train", device: str = "cpu", echo: bool = True,
           stop: StopRequest | None = None) -> TrainResult:
     """Build model, data and optimizer from the config, resume, and run the loop; returns every step's metrics.
@@ -195,17 +188,29 @@ def _owned(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
             lock.release()
 
 
-def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device: str, echo: bool) -> TrainResult:
+@dataclass
+class _Built:
+    """What build makes: where this rank sits, the sharded model, its optimizer and schedule, this rank's batches."""
+
+    d: parallel.Dist
+    model: Llama
+    optimizer: torch.optim.AdamW
+    scheduler: LambdaLR
+    batches: Batches
+    n_params: int
+    fpt: float  # training FLOPs per token
+
+
+def _build(rc: RunConfig, device: str) -> _Built:
+    """Check the layout, join the process group, and build model (identical init on every rank), optimizer, data."""
     cfg, layout = rc.cfg, rc.layout
-    started = time.perf_counter()
     parallel.check_layout(layout, rc.model.num_key_value_heads)
     dataset = load_train_dataset(cfg.data.train_dir, rc.seq_len)
     d = parallel.init_distributed(layout, device)
     torch.manual_seed(cfg.seed)
 
-    # Model: identical init on every rank (own generator), then sharded by TP/FSDP.
     model = Llama(LlamaArgs.from_hf(rc.model.hf_config))
-    model.init_weights(seed=cfg.seed)
+    model.init_weights(seed=cfg.seed)  # its own generator: the same weights on every rank, then sharded
     model.set_activation_checkpointing(cfg.model.activations_checkpoint_granularity)
     model.to(device)
     n_params = num_params(model)
@@ -215,14 +220,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
         hidden_size=rc.model.hidden_size,
         seq_len=rc.seq_len,
     )
-    if d.tp > 1:
-        parallel.apply_tensor_parallel(model, d.mesh["tp"], sequence_parallel=layout.sequence_parallel)  # type: ignore[index]
-    if cfg.torch_backend.compile:
-        # Compile per block (one graph reused by every layer), before FSDP wraps them.
-        for block in model.layers:
-            block.compile()
-    if d.dp > 1:
-        parallel.apply_data_parallel(model, d, layout)
+    parallel.parallelize(model, d.mesh, layout, compile=cfg.torch_backend.compile)
 
     optimizer = _optimizer(model, rc)
     sched = cfg.model.optim.sched
@@ -237,115 +235,133 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
     )
     batches = Batches(dataset, rc.seq_len, rc.micro_batch_size, d.dp, d.dp_rank, rc.grad_accum_steps, device,
                       shuffle_seed=cfg.seed if cfg.torch_backend.shuffle else None)
+    return _Built(d, model, optimizer, scheduler, batches, n_params, fpt)
 
-    ckpt = _checkpointer(rc, run_dir, d, echo) if mode == "train" else None
-    start_step = 0
-    if ckpt is not None and (cfg.exp_manager.resume_if_exists or cfg.exp_manager.resume_from_checkpoint):
-        restored = ckpt.resume(model, optimizer, scheduler, explicit=cfg.exp_manager.resume_from_checkpoint)
-        if restored is not None:
-            start_step = restored.step
-            batches.row_offset = restored.consumed_samples - restored.step * rc.global_batch_size
-        elif not cfg.exp_manager.resume_ignore_no_checkpoint:
-            raise ConfigError("exp_manager.resume_ignore_no_checkpoint",
-                              f"is false and {ckpt.root} holds no complete checkpoint to resume from")
-    every_n = int(cfg.exp_manager.checkpoint_callback_params.every_n_train_steps or 0)
 
-    peak_per_device, peak_source = peak_flops(device, cfg.torch_backend.peak_tflops)
+def _resume(rc: RunConfig, b: _Built, ckpt: Checkpointer | None) -> int:
+    """Load the newest complete checkpoint when the config asks for it; returns the step the run starts after."""
+    em = rc.cfg.exp_manager
+    if ckpt is None or not (em.resume_if_exists or em.resume_from_checkpoint):
+        return 0
+    restored = ckpt.resume(b.model, b.optimizer, b.scheduler, explicit=em.resume_from_checkpoint)
+    if restored is not None:
+        b.batches.row_offset = restored.consumed_samples - restored.step * rc.global_batch_size
+        return restored.step
+    if not em.resume_ignore_no_checkpoint:
+        raise ConfigError("exp_manager.resume_ignore_no_checkpoint",
+                          f"is false and {ckpt.root} holds no complete checkpoint to resume from")
+    return 0
+
+
+def _peak_total(device: str, d: parallel.Dist, peak_tflops: float | None) -> tuple[float, str]:
+    """All ranks' peak FLOP/s together, and where the per-device figure came from."""
+    peak_per_device, peak_source = peak_flops(device, peak_tflops)
     if device == "cpu" and d.world_size > 1:
         # Processes share this machine's cores: the peak is what they reach together (measured concurrently).
-        peak_total = parallel.reduce_mean(torch.tensor(peak_per_device), d) * d.world_size
-    else:
-        peak_total = peak_per_device * d.world_size
+        return parallel.reduce_mean(torch.tensor(peak_per_device), d) * d.world_size, peak_source
+    return peak_per_device * d.world_size, peak_source
+
+
+def forward_backward_step(b: _Built, rc: RunConfig, step: int, micro: int, device: str) -> torch.Tensor:
+    """One micro-batch: forward, loss, backward (grads summed over micro-batches); returns the detached loss."""
+    tokens, targets = b.batches.get(step, micro)
+    parallel.set_grad_sync(b.model, micro == rc.grad_accum_steps - 1)
+    with parallel.loss_context(b.d):
+        with _autocast(device, rc.cfg.precision.type):
+            loss = b.model(tokens, targets)  # mean cross-entropy over the non-ignored targets, fp32
+        (loss / rc.grad_accum_steps).backward()
+    return loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()  # type: ignore[attr-defined]
+
+
+def train_step(b: _Built, rc: RunConfig, step: int, device: str, peak_total: float) -> StepMetrics:
+    """One optimizer step over grad_accum_steps micro-batches: loss, backward, clip, step; its metrics."""
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(rc.grad_accum_steps):
+        loss_sum += forward_backward_step(b, rc, step, micro, device)
+    grad_norm = parallel.clip_grad_norm(b.model, rc.cfg.trainer.gradient_clip_val)
+    lr = b.optimizer.param_groups[0]["lr"]
+    b.optimizer.step()
+    b.scheduler.step()
+    b.optimizer.zero_grad(set_to_none=True)
+
+    step_loss = parallel.reduce_mean(loss_sum / rc.grad_accum_steps, b.d)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tps = rc.global_batch_size * rc.seq_len / dt
+    return StepMetrics(
+        step=step + 1,
+        loss=step_loss,
+        grad_norm=grad_norm,
+        lr=lr,
+        tokens_per_s=tps,
+        mfu=tps * b.fpt / peak_total,
+        memory_gib=memory_bytes(device) / 2**30,
+        step_time_s=dt,
+    )
+
+
+def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device: str, echo: bool) -> TrainResult:
+    """Build, resume, then train_step after train_step; after each, the step boundary decides on save and stop."""
+    cfg = rc.cfg
+    started = time.perf_counter()
+    b = _build(rc, device)
+    d = b.d
+    ckpt = _checkpointer(rc, run_dir, d, echo) if mode == "train" else None
+    start_step = _resume(rc, b, ckpt)
+    peak_total, peak_source = _peak_total(device, d, cfg.torch_backend.peak_tflops)
     max_steps = min(cfg.trainer.max_steps, COMPILE_MODE_STEPS) if mode == "compile" else cfg.trainer.max_steps
     writer = MetricsWriter(run_dir, enabled=d.is_main and mode == "train", resume_step=start_step)
     cache_before = _inductor_cache_files()
     if d.is_main and echo:
         print(
-            f"torch backend: {n_params / 1e6:.1f}M params | tp {d.tp} x dp {d.dp} on {device} | "
+            f"torch backend: {b.n_params / 1e6:.1f}M params | tp {d.tp} x dp {d.dp} on {device} | "
             f"global batch {rc.global_batch_size} x seq {rc.seq_len} (micro {rc.micro_batch_size}, "
-            f"accum {rc.grad_accum_steps}) | {fpt / 1e6:.1f} MFLOP/token | peak {peak_total / 1e12:.2f} "
+            f"accum {rc.grad_accum_steps}) | {b.fpt / 1e6:.1f} MFLOP/token | peak {peak_total / 1e12:.2f} "
             f"TFLOP/s ({peak_source}) | compile {cfg.torch_backend.compile}",
             flush=True,
         )
 
-    result = TrainResult(peak_flops=peak_total, peak_source=peak_source, flops_per_token=fpt, num_params=n_params,
-                         start_step=start_step)
-    tokens_per_step = rc.global_batch_size * rc.seq_len
+    def save_state(c: Checkpointer, done: int) -> None:
+        c.save(done, b.model, b.optimizer, b.scheduler, b.batches.row_offset + done * rc.global_batch_size)
 
-    def save(done_steps: int) -> None:
-        assert ckpt is not None
-        consumed = batches.row_offset + done_steps * rc.global_batch_size
-        ckpt.save(done_steps, model, optimizer, scheduler, consumed)
-        result.checkpoint_stall_s.append(ckpt.last_stall_s)
-
+    boundary = StepBoundary(ckpt, save_state, int(cfg.exp_manager.checkpoint_callback_params.every_n_train_steps or 0),
+                            max_steps, stop, d, device)
+    result = TrainResult(peak_flops=peak_total, peak_source=peak_source, flops_per_token=b.fpt,
+                         num_params=b.n_params, start_step=start_step, checkpoint_stall_s=boundary.stall_s)
     try:
-        model.train()
+        b.model.train()
         for step in range(start_step, max_steps):
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(rc.grad_accum_steps):
-                tokens, targets = batches.get(step, micro)
-                parallel.set_grad_sync(model, micro == rc.grad_accum_steps - 1)
-                with parallel.loss_context(d):
-                    with _autocast(device, cfg.precision.type):
-                        loss = model(tokens, targets)  # mean cross-entropy over the non-ignored targets, fp32
-                    (loss / rc.grad_accum_steps).backward()
-                loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()  # type: ignore[attr-defined]
-            grad_norm = parallel.clip_grad_norm(model, cfg.trainer.gradient_clip_val)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            step_loss = parallel.reduce_mean(loss_sum / rc.grad_accum_steps, d)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            tps = tokens_per_step / dt
-            m = StepMetrics(
-                step=step + 1,
-                loss=step_loss,
-                grad_norm=grad_norm,
-                lr=lr,
-                tokens_per_s=tps,
-                mfu=tps * fpt / peak_total,
-                memory_gib=memory_bytes(device) / 2**30,
-                step_time_s=dt,
-            )
-            result.losses.append(step_loss)
+            m = train_step(b, rc, step, device, peak_total)
+            result.losses.append(m.loss)
             result.history.append(m)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {step + 1}")
+            if not math.isfinite(m.loss):
+                raise FloatingPointError(f"loss is {m.loss} at step {step + 1}")
             if (step + 1) % cfg.trainer.log_every_n_steps == 0 or step + 1 == max_steps:
                 writer.log(m, max_steps, echo=echo)
-
-            stop_now, saves_written = _agree(stop.signum, ckpt.pending_not_done() if ckpt else 0, d, device)
-            if ckpt is not None and saves_written:
-                ckpt.finish_pending()
-            if stop_now and step + 1 < max_steps:
-                if ckpt is not None and ckpt.saved_step != step + 1:
-                    save(step + 1)
-                if ckpt is not None:
-                    ckpt.wait()
-                elif d.is_main:
-                    stderr_log("train: warning: checkpoints are off (save_top_k 0): the next run starts over")
-                result.stop_signal = _stop_signal(stop.signum, d, device)
+            result.stop_signal = boundary.after_step(step + 1)
+            if result.stop_signal:
                 break
-            if ckpt is not None and every_n and (step + 1) % every_n == 0 and step + 1 < max_steps:
-                save(step + 1)
-        if ckpt is not None and not result.stop_signal:
-            if max_steps > start_step and ckpt.saved_step != max_steps:
-                save(max_steps)
-            ckpt.wait()
+        if not result.stop_signal:
+            boundary.at_end(start_step)
     finally:
         writer.close()  # also on a failed save: frees the files (a full disk can then be unmounted)
     result.wall_s = time.perf_counter() - started
+    _finish(rc, result, run_dir, d, device, echo=echo, max_steps=max_steps, cache_before=cache_before)
+    return result
+
+
+def _finish(rc: RunConfig, result: TrainResult, run_dir: Path, d: parallel.Dist, device: str, *, echo: bool,
+            max_steps: int, cache_before: int) -> None:
+    """After the loop: peak memory against the estimate, then the requeue marker and stop line, or the summary."""
     result.peak_memory = _max_over_ranks(memory_bytes(device), d, device)
     result.memory_estimate = estimate_memory(rc, "torch", device, None).total
     memory_line, memory_ok = memory_verdict(result.peak_memory, result.memory_estimate,
                                             "allocator" if device == "cuda" else "ru_maxrss")
     if d.is_main and echo and not memory_ok:
         stderr_log(f"train: warning: {memory_line}: the estimate is off by more than 20% (llama3_hyperpod/memory.py)")
+    start_step = result.start_step
     if result.stop_signal:
         if result.requeue and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             # After the checkpoint is complete, once per node: its launcher turns the marker into exit 85 (torchrun
@@ -355,7 +371,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
         if d.is_main:
             why = "for a requeue" if result.requeue else f"on {signal.Signals(result.stop_signal).name}"
             stderr_log(f"train: stopped after step {start_step + len(result.losses)} {why} (exit {result.exit_code})")
-        return result
+        return
 
     if d.is_main and echo and not result.losses:
         print(f"summary: nothing to do, the run resumed at step {start_step} of {max_steps}", flush=True)
@@ -364,13 +380,12 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
         print(
             f"summary: steps {start_step + 1}-{max_steps} in {result.wall_s:.1f} s | loss {result.losses[0]:.4f} -> "
             f"{result.losses[-1]:.4f} | {result.steady('tokens_per_s'):,.0f} tok/s | "
-            f"MFU {100 * result.steady('mfu'):.1f}% of {peak_total / 1e12:.2f} TFLOP/s | "
+            f"MFU {100 * result.steady('mfu'):.1f}% of {result.peak_flops / 1e12:.2f} TFLOP/s | "
             f"{memory_line} | "
             f"inductor cache files {cache_before} -> {cache_after}"
-            + (f" | {_compile_cache_counters()}" if cfg.torch_backend.compile else ""),
+            + (f" | {_compile_cache_counters()}" if rc.cfg.torch_backend.compile else ""),
             flush=True,
         )
-    return result
 
 
 def _max_over_ranks(value: int, d: parallel.Dist, device: str) -> int:
@@ -379,15 +394,6 @@ def _max_over_ranks(value: int, d: parallel.Dist, device: str) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
-
-
-def _stop_signal(local: int, d: parallel.Dist, device: str) -> int:
-    """The signal every rank stops on (a rank that got none takes the others'; the lowest number wins)."""
-    if d.world_size == 1:
-        return local
-    flag = torch.tensor([local or 1000], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return int(flag.item())
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
