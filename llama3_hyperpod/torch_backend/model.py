@@ -56,7 +56,7 @@ class LlamaArgs:
             vocab_size=int(hf["vocab_size"]),
             max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
             rope_theta=float(theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # transformers LlamaConfig default
             rope_scaling=dict(scaling) if scaling else None,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             head_dim_override=hf.get("head_dim"),

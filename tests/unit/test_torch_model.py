@@ -111,3 +111,18 @@ def test_loss_and_gradients_match_transformers(compiled: bool) -> None:
     assert len(ours_grads) == len(hf_grads)  # every parameter got a gradient
     for key, grad in to_hf_state_dict(ours_grads).items():
         torch.testing.assert_close(grad, hf_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_hf_config_defaults_follow_transformers() -> None:
+    """A config.json that leaves rms_norm_eps or head_dim out means transformers' defaults, in both of our readers."""
+    from transformers import LlamaConfig
+
+    from llama3_hyperpod.config import _shape_from_hf
+    from llama3_hyperpod.torch_backend.model import LlamaArgs
+
+    hf = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    reference = LlamaConfig(**hf)
+    args, shape = LlamaArgs.from_hf(hf), _shape_from_hf(hf, "model.model_config", "config.json")
+    assert args.rms_norm_eps == shape.rms_norm_eps == reference.rms_norm_eps
+    assert args.head_dim == shape.head_dim == reference.head_dim
