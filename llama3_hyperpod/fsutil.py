@@ -57,6 +57,15 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """fsync a file, or a directory (so the names renamed into it survive a crash)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes(path: Path, data: bytes, *, durable: bool = False, mode: int = 0o644) -> None:
     """Write `path` whole or not at all: a temp file opened O_EXCL | O_NOFOLLOW, then renamed over `path`."""
     tmp = tmp_name(path)

@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from llama3_hyperpod.fsutil import PathError, link_message
+from llama3_hyperpod.fsutil import PathError, fsync_path, link_message
 from llama3_hyperpod.torch_backend.checkpoint_files import (
     CHECKPOINTS,
     DONE,
@@ -111,17 +111,9 @@ def _writer(tmp: Path) -> dcp.FileSystemWriter:
     return dcp.FileSystemWriter(tmp, thread_count=hash_threads(), sync_files=False)  # fsynced in _hash_own
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_each(paths: list[Path]) -> None:
     for path in paths:
-        _fsync_path(path)
+        fsync_path(path)
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -370,15 +362,15 @@ class Checkpointer:
                 files |= {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": h}
                           for p, h in file_digests(rest).items()}
                 for p in rest:  # the listed files were fsynced by the ranks that wrote them (_hash_own)
-                    _fsync_path(p)
+                    fsync_path(p)
                 for d in {tmp, *(p.parent for p in on_disk)}:
-                    _fsync_path(d, directory=True)
+                    fsync_path(d, directory=True)
                 self._clear_slot(final)
                 os.rename(tmp, final)
-                _fsync_path(self.root, directory=True)
+                fsync_path(self.root, directory=True)
                 marker = make_marker(step, files, world_size=self.world_size, layout=self.layout)
                 _write_durably(final / DONE, json.dumps(marker, indent=1).encode())
-                _fsync_path(final, directory=True)
+                fsync_path(final, directory=True)
                 self._intact[final] = (final / DONE).stat().st_mtime_ns
             except OSError as exc:
                 error = exc

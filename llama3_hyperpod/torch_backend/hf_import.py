@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from llama3_hyperpod.fsutil import fsync_path
 from llama3_hyperpod.hf import tensors as hf_tensors
 from llama3_hyperpod.hf.folder import HfFolder
 from llama3_hyperpod.torch_backend.checkpoint import STATE_DICT_OPTIONS
@@ -71,14 +72,6 @@ class _Streaming(DefaultSavePlanner):
         return self._cache[name].contiguous()
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(path: Path, data: bytes) -> None:
     with path.open("xb") as f:
         f.write(data)
@@ -113,9 +106,9 @@ def write_step0(folder: HfFolder, plan: hf_tensors.Groups, hf_config: dict[str, 
         marker = make_marker(0, files, world_size=1, layout=IMPORT_LAYOUT,
                              **{WEIGHTS_ONLY: True, "source": str(folder.root)})
         _write_durably(tmp / "done", json.dumps(marker, indent=1).encode())
-        _fsync(tmp, directory=True)
+        fsync_path(tmp, directory=True)
         os.rename(tmp, final)
-        _fsync(checkpoints, directory=True)
+        fsync_path(checkpoints, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

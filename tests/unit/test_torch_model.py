@@ -120,8 +120,9 @@ def test_hf_config_defaults_follow_transformers() -> None:
     from llama3_hyperpod.config import _shape_from_hf
     from llama3_hyperpod.torch_backend.model import LlamaArgs
 
-    hf = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
+    hf: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+                          "max_position_embeddings": 128}
     reference = LlamaConfig(**hf)
     args, shape = LlamaArgs.from_hf(hf), _shape_from_hf(hf, "model.model_config", "config.json")
     assert args.rms_norm_eps == shape.rms_norm_eps == reference.rms_norm_eps
