@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama3_hyperpod.cache.manifest import TEMP_MARK
+
 PROBE_BYTES = 4096
 
 
@@ -127,7 +129,9 @@ class WriteProbe:
 def probe_write(directory: Path, label: str) -> WriteProbe:
     """Create `directory` (and parents) and write, fsync and remove a small file in it: what a checkpoint save and
     the trainer's logs will need first. Returns the OS's own reason when it cannot."""
-    probe = directory / f".preflight-probe-{label}-{os.getpid()}"
+    # a temp name to the cache's own listing: another node's preflight, looking at a shared cache dir while this
+    # probe exists, must not see a cache that "holds files but no manifest"
+    probe = directory / f".preflight-probe{TEMP_MARK}{label}-{os.getpid()}"
     start = time.perf_counter()
     try:
         directory.mkdir(parents=True, exist_ok=True)

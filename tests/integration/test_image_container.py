@@ -221,8 +221,9 @@ def test_the_launch_uses_the_sdk_interpreter(cpu_image: dict[str, Any]) -> None:
     worker = ("import json, os, sys, torch, torch.distributed as dist, llama3_hyperpod; "
               "dist.init_process_group('gloo'); t = torch.tensor([dist.get_rank() + 1.0]); dist.all_reduce(t); "
               "agent = open(f'/proc/{os.getppid()}/cmdline').read().split(chr(0)); "
-              "print(json.dumps({'exe': sys.executable, 'torch': torch.__file__, 'pkg': llama3_hyperpod.__file__, "
-              "'sum': t.item(), 'agent': agent[:3]})); dist.destroy_process_group()")
+              "sys.stdout.write(json.dumps({'exe': sys.executable, 'torch': torch.__file__, "
+              "'pkg': llama3_hyperpod.__file__, 'sum': t.item(), 'agent': agent[:3]}) + chr(10)); "
+              "dist.destroy_process_group()")  # one write per rank: PYTHONUNBUFFERED=1 splits print()'s line
     out = _in_image(cpu_image["tag"], f"cd /tmp && \"$L3HP_SDK_PYTHON\" -m torch.distributed.run --standalone "
                     f"--nproc_per_node 2 --no-python {PROJECT_PYTHON} -c \"{worker}\"")
     ranks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]

@@ -255,3 +255,16 @@ def test_the_image_copy_of_the_pins_is_used_where_the_checkout_has_none(tmp_path
     (tmp_path / "neuron.json").write_text(json.dumps({"neuron_sdk": "9.9", "pip": {"neuronx-cc": "1.2.3"}}))
     assert sdkinfo.pins_file() == tmp_path / "neuron.json"
     assert sdkinfo.load_pins()["pip"]["neuronx-cc"] == "1.2.3"
+
+
+def test_a_write_probe_in_a_shared_cache_dir_is_not_a_cache_file(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two nodes' preflights on one shared cache dir: while one node's probe file exists, the other must still see
+    an empty cache (a miss), not "a cache with files but no manifest"."""
+    from llama3_hyperpod.cache.manifest import iter_cache_files
+    from llama3_hyperpod.preflight.host import probe_write
+
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # the probe as another node sees it
+    assert probe_write(tmp_path, "cache").ok
+    assert list(tmp_path.iterdir()), "the probe file should still be there"
+    assert list(iter_cache_files(tmp_path)) == []
