@@ -13,7 +13,8 @@ while the workers are still starting (importing torch, or not yet spawned) waits
 on the inherited SIG_IGN. TERM/INT/HUP go to a worker that has no handler yet after a short grace period (they then
 end it, as the sender asked); with no worker started yet they go to torchrun, which then stops starting them.
 
-torchrun dies with the launcher (PR_SET_PDEATHSIG, procs.py), and inherits the run dir's lock (runlock.py).
+The launched process runs under a single-threaded guard (guard.py), so it gets one SIGTERM when the launcher dies
+(PR_SET_PDEATHSIG, procs.py); it inherits the run dir's lock (runlock.py).
 """
 
 from __future__ import annotations
@@ -22,25 +23,28 @@ import contextlib
 import errno
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import psutil
 
+from llama3_hyperpod import guard
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.errors import EXIT_REQUEUE
 from llama3_hyperpod.plan import Launch
-from llama3_hyperpod.procs import preexec_die_with_parent, take_early
+from llama3_hyperpod.procs import take_early
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
-IGNORED_BY_LAUNCHER_CHILD = (signal.SIGUSR1, signal.SIGUSR2)
+IGNORED_BY_LAUNCHER_CHILD = guard.IGNORED
+GUARD = [sys.executable, "-I", "-S", guard.__file__]  # -I -S: only the stdlib, nothing from the launch's env
 EXIT_ON_SIGNAL = (signal.SIGINT, signal.SIGHUP)  # the launch then ends with 128 + N, whatever torchrun says
 GRACE_S = 10.0  # how long a TERM/INT/HUP waits for a worker still starting to install its handler
 POLL_S = 0.2
@@ -67,12 +71,15 @@ def catches(pid: int, signum: int) -> bool:
 
 
 class Forwarder:
-    """Signals received by the launcher, delivered to every worker (descendant of the child) once it can take them."""
+    """Signals received by the launcher, delivered to every worker once it can take them.
+
+    The workers are the launched process itself (`direct`) or its descendants; it is the guard's child."""
 
     def __init__(self, direct: bool = False) -> None:
-        self.direct = direct  # the child is the worker itself (no torchrun in between)
-        self.child_pid: int | None = None
+        self.direct = direct  # the launched process is the worker itself (no torchrun in between)
+        self.guard_pid: int | None = None
         self.received: list[int] = []
+        self._launched: psutil.Process | None = None
         self._pending: dict[int, tuple[float, set[int]]] = {}  # signum -> (received at, pids delivered to)
 
     def receive(self, signum: int) -> None:
@@ -81,17 +88,24 @@ class Forwarder:
             self._pending[signum] = (time.monotonic(), set())
         self.deliver()
 
-    def attach(self, child_pid: int) -> None:
-        self.child_pid = child_pid
+    def attach(self, guard_pid: int) -> None:
+        self.guard_pid = guard_pid
         self.deliver()
+
+    def launched(self) -> psutil.Process | None:
+        """The guard's child, once it has forked it."""
+        if self._launched is None and self.guard_pid is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._launched = next(iter(psutil.Process(self.guard_pid).children()), None)
+        return self._launched
 
     def deliver(self) -> None:
         """Send each pending signal to the workers that have not had it yet and can take it now."""
-        if self.child_pid is None or not self._pending:
+        launched = self.launched() if self._pending else None
+        if launched is None:
             return
         try:
-            child = psutil.Process(self.child_pid)
-            workers = [child] if self.direct else child.children(recursive=True)
+            workers = [launched] if self.direct else launched.children(recursive=True)
         except psutil.NoSuchProcess:
             return
         for signum, (since, done) in self._pending.items():
@@ -103,22 +117,10 @@ class Forwarder:
                     with contextlib.suppress(psutil.NoSuchProcess):
                         proc.send_signal(signum)
                     done.add(proc.pid)
-            if not workers and signum not in IGNORED_BY_LAUNCHER_CHILD and self.child_pid not in done:
+            if not workers and signum not in IGNORED_BY_LAUNCHER_CHILD and launched.pid not in done:
                 with contextlib.suppress(psutil.NoSuchProcess):  # nothing started yet: torchrun stops
-                    psutil.Process(self.child_pid).send_signal(signum)
-                done.add(self.child_pid)
-
-
-def _child_setup() -> Callable[[], None]:
-    """What the child runs before exec: ignore USR1/USR2 (see the module doc) and die with this launcher."""
-    die_with_launcher = preexec_die_with_parent(signal.SIGTERM)
-
-    def setup() -> None:
-        for sig in IGNORED_BY_LAUNCHER_CHILD:
-            signal.signal(sig, signal.SIG_IGN)
-        die_with_launcher()
-
-    return setup
+                    launched.send_signal(signum)
+                done.add(launched.pid)
 
 
 def check_port_free(port: int) -> None:
@@ -161,23 +163,21 @@ def run(
         print(f"error: working directory {launch.cwd} does not exist (is this the right image/backend?)",
               file=sys.stderr)
         return 127
+    if shutil.which(launch.argv[0], path=env.get("PATH", os.defpath)) is None:
+        print(f"error: {launch.argv[0]}: command not found (is this the right image/backend?)", file=sys.stderr)
+        return 127
     forwarder = Forwarder(direct=launch.direct)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         forwarder.receive(signum)
 
-    # Installed before the child exists, so no signal is lost while it starts; the child itself ignores USR1/USR2
-    # (an ignored disposition survives exec: torchrun outlives a USR1, the trainer installs its own handlers).
+    # Installed before the child exists, so no signal is lost while it starts; the launched process ignores USR1/USR2
+    # (guard.py; an ignored disposition survives exec: torchrun outlives a USR1, the trainer installs its handlers).
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     for early in take_early():  # what came while the launch was being prepared (entrypoint.py)
         forwarder.receive(early)
-    try:
-        child = subprocess.Popen(launch.argv, env=env, cwd=launch.cwd, start_new_session=True, pass_fds=keep_fds,
-                                 preexec_fn=_child_setup())  # noqa: PLW1509  (single-threaded launcher)
-    except FileNotFoundError:
-        _restore(previous)
-        print(f"error: {launch.argv[0]}: command not found (is this the right image/backend?)", file=sys.stderr)
-        return 127
+    child = subprocess.Popen([*GUARD, str(os.getpid()), *launch.argv], env=env, cwd=launch.cwd,
+                             start_new_session=True, pass_fds=keep_fds)
     try:
         forwarder.attach(child.pid)
         while True:

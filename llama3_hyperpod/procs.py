@@ -1,7 +1,8 @@
 """Processes that die with their parent (Linux PR_SET_PDEATHSIG), so a killed launcher leaves nothing running.
 
-The launcher starts torchrun in a session of its own (so a terminal's Ctrl-C reaches only the launcher, which
-forwards it); without this a `kill -9` of the launcher left torchrun and its workers training and checkpointing.
+The launcher starts torchrun (under guard.py) in a session of its own (so a terminal's Ctrl-C reaches only the
+launcher, which forwards it); without this a `kill -9` of the launcher left torchrun and its workers training and
+checkpointing.
 torchrun gets SIGTERM when the launcher dies: its handler (torch 2.13, distributed/elastic/multiprocessing/api.py:539,
 TORCHELASTIC_SIGNALS_TO_HANDLE default SIGTERM,SIGINT,SIGHUP,SIGQUIT) makes the agent shut its workers down
 (agent/server/api.py:752-754: SIGTERM to each, SIGKILL after TORCH_ELASTIC_SHUTDOWN_TIMEOUT, default 30 s,
@@ -9,8 +10,9 @@ launcher/api.py:146-149), which covers NxDT's workers too; torchrun starts them 
 (subprocess_handler.py:66), so nothing else would reach them. The torch trainer's workers also ask for SIGKILL
 should torchrun itself die.
 
-prctl(2): the signal is sent when the parent *thread* exits; subprocess.Popen and torchrun both start children from
-their main thread. A parent that died before the child's prctl is caught by comparing getppid() afterwards.
+prctl(2): the signal is sent when the parent *thread* exits, and again for each thread the child is handed to as the
+rest of a multi-threaded parent exits: the launcher's child is therefore a single-threaded guard (guard.py). A parent
+that died before the child's prctl is caught by comparing getppid() afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -45,19 +46,6 @@ def die_with_parent(sig: int, expected_parent: int | None = None) -> bool:
     if (parent != expected_parent) if expected_parent is not None else parent == 1:
         os.kill(os.getpid(), sig)
     return True
-
-
-def preexec_die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
-    """A Popen preexec_fn: the child (before exec) arranges to receive `sig` when the calling process exits.
-
-    The death signal survives execve (prctl(2): cleared only on a set-user-ID exec or a change of credentials).
-    """
-    parent = os.getpid()
-
-    def preexec() -> None:
-        die_with_parent(sig, parent)
-
-    return preexec
 
 
 _early: list[int] = []

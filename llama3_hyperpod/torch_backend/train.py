@@ -12,7 +12,7 @@ SIGUSR1 make every rank checkpoint at the next step boundary; each node then wri
 exit 85 (llama3_hyperpod.errors), which the launcher and enroot/job.sh turn into a requeue. SIGINT / SIGHUP
 checkpoint the same way and exit 130 / 129. Rank 0 owns the run dir (runlock.py) for the whole run.
 
-Over 400 lines because build, step and finish of one run read best together; the save/stop decision is in
+Over 400 lines: build, step and finish of one run read best together; the save/stop decision is in
 step_boundary.py.
 """
 

@@ -219,6 +219,40 @@ def test_a_killed_launcher_takes_its_child_with_it(tmp_path: Path) -> None:
         time.sleep(0.05)
 
 
+def test_a_killed_many_threaded_launcher_sends_one_sigterm(tmp_path: Path) -> None:
+    """The launcher has threads (pyarrow's, torch's): the kernel re-sends PR_SET_PDEATHSIG each time the child is
+    handed to the next of them, and torchrun aborts its graceful shutdown on the second SIGTERM, so the workers died
+    before their checkpoint (before: 2 SIGTERMs with 5 threads). Under the guard the child counts exactly one."""
+    ready, count = tmp_path / "ready", tmp_path / "count"
+    child = textwrap.dedent("""
+        import os, signal, sys, time
+        got = []
+        signal.signal(signal.SIGTERM, lambda *a: got.append(1))
+        open(sys.argv[1], 'w').write(str(os.getpid()))
+        while not got:
+            time.sleep(0.01)
+        time.sleep(1.0)  # any later SIGTERM arrives well within this
+        open(sys.argv[2], 'w').write(str(len(got)))
+    """)
+    code = textwrap.dedent(f"""
+        import sys, threading, time
+        from llama3_hyperpod.launch import run
+        from llama3_hyperpod.plan import Launch
+        for _ in range(8):
+            threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+        sys.exit(run(Launch([sys.executable, "-c", {child!r}, {str(ready)!r}, {str(count)!r}], {{}}, {{}},
+                            {str(tmp_path)!r})))
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.DEVNULL)
+    wait_for(ready)
+    while not ready.read_text():
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait(timeout=10)
+    wait_for(count)
+    assert count.read_text() == "1"
+
+
 def test_a_taken_master_port_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
