@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from llama3_hyperpod.fsutil import PathError, fsync_path, link_message
+from llama3_hyperpod.fsutil import PathError, create_durably, fsync_path, link_message
 from llama3_hyperpod.torch_backend.checkpoint_files import (
     CHECKPOINTS,
     DONE,
@@ -114,13 +114,6 @@ def _writer(tmp: Path) -> dcp.FileSystemWriter:
 def _fsync_each(paths: list[Path]) -> None:
     for path in paths:
         fsync_path(path)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def rng_state() -> dict[str, Any]:
@@ -255,8 +248,8 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / "rng").mkdir(parents=True)
                 if self.hf_config is not None:
-                    _write_durably(tmp / MODEL_CONFIG, json.dumps(self.hf_config, indent=1).encode())
-                _write_durably(tmp / IDENTITY, json.dumps(self.identity, indent=1).encode())
+                    create_durably(tmp / MODEL_CONFIG, json.dumps(self.hf_config, indent=1).encode())
+                create_durably(tmp / IDENTITY, json.dumps(self.identity, indent=1).encode())
         except OSError as exc:
             error = exc
         if not self._all_ok(error is None):
@@ -265,7 +258,7 @@ class Checkpointer:
         state = _app_state(model, optimizer, scheduler, step, consumed)
         try:
             buf = _torch_bytes(rng_state())
-            _write_durably(tmp / "rng" / f"rank_{self.rank:05d}.pt", buf)
+            create_durably(tmp / "rng" / f"rank_{self.rank:05d}.pt", buf)
             if self.async_save:
                 written = _as_future(dcp.async_save(
                     state, storage_writer=_writer(tmp), process_group=self._pg, no_dist=self.world_size == 1))
@@ -369,7 +362,7 @@ class Checkpointer:
                 os.rename(tmp, final)
                 fsync_path(self.root, directory=True)
                 marker = make_marker(step, files, world_size=self.world_size, layout=self.layout)
-                _write_durably(final / DONE, json.dumps(marker, indent=1).encode())
+                create_durably(final / DONE, json.dumps(marker, indent=1).encode())
                 fsync_path(final, directory=True)
                 self._intact[final] = (final / DONE).stat().st_mtime_ns
             except OSError as exc:
