@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from llama3_hyperpod.fsutil import create_durably, fsync_path
 from llama3_hyperpod.hf import tensors as hf_tensors
 from llama3_hyperpod.hf.folder import HfFolder
-from llama3_hyperpod.torch_backend.checkpoint import STATE_DICT_OPTIONS
+from llama3_hyperpod.torch_backend.checkpoint_base import STATE_DICT_OPTIONS
 from llama3_hyperpod.torch_backend.checkpoint_files import (
     IDENTITY,
     MODEL_CONFIG,
