@@ -33,5 +33,5 @@ __all__ = ["CheckpointError", "Checkpointer", "Restored", "stderr_log"]
 class Checkpointer(SavePath, LoadPath):
     """Saves (sync or async), finalises, prunes and resumes one run's checkpoints; every rank holds one.
 
-    Collective calls (save, load, resume, sync_pending) must be made by every rank at the same step.
+    Collective calls (save, wait, finish_pending, verify, load, resume) must be made by every rank at the same step.
     """
