@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.measure import Stat, ratio_text, run_rounds
-from llama3_hyperpod.torch_backend.checkpoint import Checkpointer, step_dir
+from llama3_hyperpod.torch_backend.checkpoint import Checkpointer
+from llama3_hyperpod.torch_backend.checkpoint_files import step_dir
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
 from llama3_hyperpod.torch_backend.schedule import build_scheduler
 

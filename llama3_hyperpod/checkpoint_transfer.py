@@ -15,10 +15,7 @@ the temp files (and a run dir the import created) are removed. The result lands 
 Both keep the tokenizer files and write `<run dir>/import/manifest.json`: the source folder, every file read with
 its size and sha256, the layout, the config and what was made.
 
-Export of an NxDT checkpoint (`<tag>.ckpt`): its tp x pp grid comes from the shard names, xser from NxD's own rule
-(a `*.tensors` folder), the rest of the layout from the run's config (the plan `train` recorded in the run dir, or
---config); NxDT's converter writes the full state dict beside the checkpoint, and our step turns it into HF
-safetensors + config.json + the run's tokenizer files + a manifest, in `<tag>.hf` beside it by default.
+The steps both run (Step, run_steps, the manifest) are here; the export of an NxDT checkpoint is checkpoint_export.py.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import llama3_hyperpod
-from llama3_hyperpod.config import RunConfig, load_config
+from llama3_hyperpod.config import RunConfig
 from llama3_hyperpod.errors import ConfigError
 from llama3_hyperpod.fsutil import refuse_links
 from llama3_hyperpod.hf import folder as hf_folder
@@ -74,21 +71,23 @@ class Step:
         return self.launch.shell() if self.launch is not None else self.detail
 
 
-def _our_step(env: Mapping[str, str], cwd: Path, *args: str) -> Launch:
+def our_step(env: Mapping[str, str], cwd: Path, *args: str) -> Launch:
     added, kept, replaced = split_env({}, env, forced={"PYTHONPATH": str(project_root())})
     return Launch([sdk_python(env), "-m", STEPS_MODULE, *args], added, kept, str(cwd), replaced)
 
 
-def _run(step: Step, index: int, total: int, echo: Echo) -> None:
-    echo(f"step {index}/{total}: {step.title}")
-    if step.launch is None:
-        assert step.action is not None
-        step.action()
-        return
-    launch = step.launch
-    code = subprocess.run(launch.argv, cwd=launch.cwd, env={**os.environ, **launch.env}, check=False).returncode
-    if code != 0:
-        raise StepFailedError(index, total, step.title, code)
+def run_steps(steps: list[Step], echo: Echo) -> None:
+    """Run the steps in order; the first process that exits non-zero raises StepFailedError."""
+    for index, step in enumerate(steps, 1):
+        echo(f"step {index}/{len(steps)}: {step.title}")
+        if step.launch is None:
+            assert step.action is not None
+            step.action()
+            continue
+        launch = step.launch
+        code = subprocess.run(launch.argv, cwd=launch.cwd, env={**os.environ, **launch.env}, check=False).returncode
+        if code != 0:
+            raise StepFailedError(index, len(steps), step.title, code)
 
 
 class StepFailedError(Exception):
@@ -97,14 +96,14 @@ class StepFailedError(Exception):
         self.code = code
 
 
-def _print_plan(header: str, steps: list[Step], echo: Echo) -> None:
+def print_plan(header: str, steps: list[Step], echo: Echo) -> None:
     echo(header)
     for i, step in enumerate(steps, 1):
         echo(f"step {i}/{len(steps)}: {step.title}")
         echo(f"    {step.describe()}")
 
 
-def _err(line: str) -> None:
+def to_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -112,7 +111,7 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def _check_converter(examples: str, dry_run: bool, echo: Echo) -> None:
+def check_converter(examples: str, dry_run: bool, echo: Echo) -> None:
     """NxDT's converter must be there before anything is written (a dry run only says so)."""
     script = Path(examples) / convert.CONVERTER
     if script.is_file():
@@ -120,17 +119,17 @@ def _check_converter(examples: str, dry_run: bool, echo: Echo) -> None:
     message = (f"{script} does not exist: point --nxdt-examples (or NXDT_EXAMPLES_DIR) at NxDT's examples/ folder "
                "(the image has it at the default)")
     if dry_run:
-        _err(f"warning: {message}")
+        to_stderr(f"warning: {message}")
         return
     raise ConfigError("--nxdt-examples", message)
 
 
-def _manifest(**fields: Any) -> str:
+def manifest_text(**fields: Any) -> str:
     return json.dumps({"format": MANIFEST_FORMAT, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields},
                       indent=2) + "\n"
 
 
-def _config_record(rc: RunConfig) -> dict[str, Any]:
+def config_record(rc: RunConfig) -> dict[str, Any]:
     return {"path": str(rc.path), "overrides": list(rc.overrides), "model": rc.model.hf_config}
 
 
@@ -166,9 +165,9 @@ def import_hf(hf_dir: Path, rc: RunConfig, target: ImportTarget, *, examples: st
         steps, made = _torch_import_steps(folder, rc, target, tmp)
     else:
         steps, made = _neuron_import_steps(folder, rc, target, tmp, examples, env)
-        _check_converter(examples, dry_run, echo)
+        check_converter(examples, dry_run, echo)
     if dry_run:
-        _print_plan(header, steps, echo)
+        print_plan(header, steps, echo)
         return 0
     echo(header)
     created = not run_dir.exists()
@@ -179,20 +178,19 @@ def import_hf(hf_dir: Path, rc: RunConfig, target: ImportTarget, *, examples: st
     try:
         _check_run_is_empty(rc, target)  # again, now that the run is ours
         if tmp.is_symlink() or tmp.exists():
-            _remove(tmp)  # an import that crashed: ours, under our lock
+            remove_path(tmp)  # an import that crashed: ours, under our lock
         tmp.mkdir()
         try:
-            for i, step in enumerate(steps, 1):
-                _run(step, i, len(steps), echo)
+            run_steps(steps, echo)
             os.rename(tmp, final)
         except BaseException:
-            _remove(tmp)
+            remove_path(tmp)
             for path in made:
                 if path.exists():
-                    _remove(path)
+                    remove_path(path)
             raise
     except StepFailedError as exc:
-        _err(f"error: checkpoint import: {exc}; nothing was kept")
+        to_stderr(f"error: checkpoint import: {exc}; nothing was kept")
         return exc.code if exc.code > 0 else 1
     finally:
         if lock is not None:
@@ -203,7 +201,7 @@ def import_hf(hf_dir: Path, rc: RunConfig, target: ImportTarget, *, examples: st
     return 0
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     else:
@@ -263,12 +261,12 @@ def _torch_import_steps(folder: hf_folder.HfFolder, rc: RunConfig, target: Impor
 
     def record() -> None:
         copies = hf_folder.copy_companions(folder.companions, tmp)
-        (tmp / hf_folder.MANIFEST).write_text(_manifest(
+        (tmp / hf_folder.MANIFEST).write_text(manifest_text(
             backend="torch", source=str(folder.root), files=hf_folder.file_records(folder.files, folder.root),
             tokenizer=[p.name for p in copies],
             layout={"written": hf_import.IMPORT_LAYOUT, "run": target.layout,
                     "note": "full fp32 tensors, resharded by DCP onto the run's layout at load"},
-            config=_config_record(rc), result={"checkpoint": str(final), "weights_only": True}))
+            config=config_record(rc), result={"checkpoint": str(final), "weights_only": True}))
 
     steps = [
         Step("write the weights-only step-0 checkpoint (ours, one decoder layer in memory at a time)", action=write,
@@ -302,9 +300,9 @@ def _neuron_import_steps(folder: hf_folder.HfFolder, rc: RunConfig, target: Impo
     def record() -> None:
         consolidated.unlink(missing_ok=True)  # as big as the model; the shards are the result
         copies = hf_folder.copy_companions(folder.companions, tmp)
-        (tmp / hf_folder.MANIFEST).write_text(_manifest(
+        (tmp / hf_folder.MANIFEST).write_text(manifest_text(
             backend="neuron", source=str(folder.root), files=hf_folder.file_records(folder.files, folder.root),
-            tokenizer=[p.name for p in copies], layout=lay.to_dict(), xser=xser, config=_config_record(rc),
+            tokenizer=[p.name for p in copies], layout=lay.to_dict(), xser=xser, config=config_record(rc),
             converter=[str(a) for a in converter],
             result={"checkpoint": str(final / convert.NXDT_SUBDIR), "train_adds": resume}))
 
@@ -312,8 +310,8 @@ def _neuron_import_steps(folder: hf_folder.HfFolder, rc: RunConfig, target: Impo
         Step("write the model's config.json for the converter (ours)", action=prepare,
              detail=f"-> {config_json} (the run's model, with the YAML's overrides)"),
         Step("consolidate the safetensors into one state dict file (ours, tensor by tensor, HF names and dtypes)",
-             launch=_our_step(env, tmp, "consolidate", "--hf-dir", str(folder.root), "--config", str(config_json),
-                              "--out", str(consolidated))),
+             launch=our_step(env, tmp, "consolidate", "--hf-dir", str(folder.root), "--config", str(config_json),
+                             "--out", str(consolidated))),
         Step(f"NxDT's converter: full state -> tp {lay.tp} x pp {lay.pp} shards for {lay.hw_backend}",
              launch=Launch(converter, {}, {}, str(tmp))),
         Step("keep the tokenizer files, write the manifest, drop the consolidated file, move into place (ours)",
@@ -322,132 +320,3 @@ def _neuron_import_steps(folder: hf_folder.HfFolder, rc: RunConfig, target: Impo
                     "own"),
     ]
     return steps, []
-
-
-# ---- export of an NxDT checkpoint --------------------------------------------------------------------------------
-
-
-def recorded_config(tag: Path) -> tuple[Path, list[str]] | None:
-    """The config and overrides `train` recorded for the run whose checkpoints dir holds `tag`."""
-    for run_dir in (tag.parent.parent, tag.parent):
-        plan_file = run_dir / "plan-train-node0.json"
-        if plan_file.is_file():
-            try:
-                data = json.loads(plan_file.read_text(encoding="utf-8"))
-                return Path(data["config_path"]), [str(o) for o in data.get("overrides", [])]
-            except (OSError, ValueError, KeyError, TypeError):
-                return None
-    return None
-
-
-def export_nxdt(tag_path: Path, out_dir: Path | None, rc: RunConfig, *, examples: str, env: Mapping[str, str],
-                dry_run: bool, echo: Echo, keep_full_state: bool = False) -> int:
-    """Plan and (unless dry_run) run the export of one NxDT checkpoint to HF; returns the exit code."""
-    tag = convert.read_tag(tag_path)
-    instance = instance_for(rc.layout.devices_per_node, rc.cfg.trainer.lnc)
-    lay = convert.layout_for(rc, instance)
-    if (tag.tp, tag.pp) != (lay.tp, lay.pp):
-        raise ConfigError(str(tag.path), f"has tp {tag.tp} x pp {tag.pp} shards but the config says tp {lay.tp} x "
-                                         f"pp {lay.pp}: give the config it was trained with (--config)")
-    convert.check_layout(lay, rc.model.num_attention_heads, rc.model.num_key_value_heads, to_full_state=True)
-    stem = tag.path.name.removesuffix(".ckpt")
-    out = (out_dir or tag.path.with_name(f"{stem}.hf")).absolute()
-    if out.exists() or out.is_symlink():
-        raise ConfigError(str(out), "exists: choose another output folder or remove it")
-    work = tag.path.with_name(f".{stem}.export-tmp")
-    config_json = work / "config.json"
-    converter = convert.converter_argv(sdk_python(env), examples, lay, to_full_state=True,
-                                       input_path=str(tag.path / "model"), output_dir=str(work / "full"),
-                                       config_json=str(config_json), xser=tag.xser)
-    hf_tmp = work / "hf"
-    tokenizer = _run_tokenizer_files(rc, tag.path)
-    warn = [] if tag.xser == convert.save_xser(rc) else [
-        f"exp_manager.save_xser is {convert.save_xser(rc)} but the shards are {'' if tag.xser else 'not '}xser: "
-        f"--load_xser follows the files"]
-
-    def prepare() -> None:
-        work.mkdir()
-        config_json.write_text(json.dumps(rc.model.hf_config, indent=2) + "\n")
-
-    def finish() -> None:
-        complete_export(hf_tmp, rc, source=tag.path, layout={**lay.to_dict(), "xser": tag.xser},
-                        converter=converter, tokenizer=tokenizer, final=out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(hf_tmp, out)
-
-    steps = [
-        Step("write the model's config.json for the converter (ours)", action=prepare,
-             detail=f"-> {config_json}"),
-        Step(f"NxDT's converter: tp {tag.tp} x pp {tag.pp} shards ({'xser' if tag.xser else 'torch.save'}) -> one "
-             "full state dict beside the checkpoint", launch=Launch(converter, {}, {}, str(tag.path.parent))),
-        Step("the full state dict -> HF safetensors, checked against the config (ours, tensor by tensor)",
-             launch=_our_step(env, tag.path.parent, "to-hf", "--full-state",
-                              str(work / "full" / convert.FULL_STATE_FILE), "--config", str(config_json),
-                              "--out", str(hf_tmp))),
-        Step("config.json, tokenizer files, manifest; move into place (ours)", action=finish,
-             detail=f"{', '.join(p.name for p in tokenizer) or 'no tokenizer files found'} + "
-                    f"{hf_folder.MANIFEST} -> {out}; {work} removed"),
-    ]
-    header = (f"export: {tag.path} (tp {tag.tp} x pp {tag.pp}, {'xser' if tag.xser else 'torch.save'}, "
-              f"{lay.hw_backend}) -> {out}")
-    for line in warn:
-        _err(f"warning: {line}")
-    _check_converter(examples, dry_run, echo)
-    if dry_run:
-        _print_plan(header, steps, echo)
-        return 0
-    echo(header)
-    if work.exists() or work.is_symlink():
-        _remove(work)
-    try:
-        for i, step in enumerate(steps, 1):
-            _run(step, i, len(steps), echo)
-    except StepFailedError as exc:
-        _err(f"error: checkpoint export: {exc}; nothing was written")
-        return exc.code if exc.code > 0 else 1
-    finally:
-        if not keep_full_state and work.exists():
-            _remove(work)
-    echo(f"exported {tag.path} -> {out}")
-    return 0
-
-
-def complete_export(hf_dir: Path, rc: RunConfig, *, source: Path, layout: dict[str, Any], converter: list[str],
-                    tokenizer: list[Path], final: Path) -> None:
-    """Beside the safetensors of `hf_dir` (what the to-hf step wrote): config.json, the tokenizer files and the
-    manifest (the source shards' and every written file's sha256)."""
-    written = sorted(p for p in hf_dir.iterdir() if p.is_file())
-    config = {**rc.model.hf_config, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    (hf_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    copies = hf_folder.copy_companions(tokenizer, hf_dir)
-    sources = sorted(p for p in (source / "model").rglob("*") if p.is_file())
-    (hf_dir / hf_folder.MANIFEST).write_text(_manifest(
-        backend="neuron", direction="nxdt-to-hf", source=str(source), files=hf_folder.file_records(sources, source),
-        layout=layout, config=_config_record(rc), converter=[str(a) for a in converter],
-        tokenizer=[p.name for p in copies],
-        result={"folder": str(final), "files": hf_folder.file_records([*written, hf_dir / "config.json", *copies],
-                                                                      hf_dir)}))
-
-
-def _run_tokenizer_files(rc: RunConfig, tag: Path) -> list[Path]:
-    """The run's tokenizer files: those its import kept, else those of the config's local tokenizer folder."""
-    for run_dir in (tag.parent.parent, tag.parent):
-        imported = run_dir / convert.IMPORT_DIR
-        found = [imported / n for n in hf_folder.COMPANION_FILES if (imported / n).is_file()]
-        if found:
-            return found
-    from llama3_hyperpod.config import tokenizer_path
-
-    return hf_folder.tokenizer_files_in(tokenizer_path(rc.cfg))
-
-
-def load_run_config(config: Path | None, overrides: tuple[str, ...], tag: Path) -> RunConfig:
-    """--config (with overrides), else what `train` recorded for the run (plan-train-node0.json)."""
-    if config is not None:
-        return load_config(config, overrides)
-    recorded = recorded_config(tag)
-    if recorded is None:
-        raise ConfigError(str(tag), "no plan-train-node0.json of its run found beside its checkpoints dir: give the "
-                                    "config it was trained with (--config CONFIG, --override key=value)")
-    path, recorded_overrides = recorded
-    return load_config(path, [*recorded_overrides, *overrides])

@@ -87,6 +87,18 @@ def write_text(path: Path, text: str, *, durable: bool = False) -> None:
     write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
+def create_durably(path: Path, data: bytes) -> None:
+    """Write a file that must not exist yet (O_EXCL: never over another file, never through a link) and fsync it.
+
+    For the files of a dir that is itself written under a temp name and renamed into place (a checkpoint): the dir's
+    rename is the atomic step, so each file needs no temp name of its own, only to be on disk before that rename.
+    """
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def open_append(path: Path) -> IO[str]:
     """Open a log for appending; a symlink there is refused instead of followed."""
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from llama3_hyperpod import schema
 from llama3_hyperpod.cache.seed import ENV_RUNTIME_DIR
+from llama3_hyperpod.checkpoint_policy import CheckpointPolicy
 from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env, detect_accelerator
 from llama3_hyperpod.config import ConfigError, RunConfig, check_run_name, load_config, tokenizer_path
 from llama3_hyperpod.data.default import default_name
@@ -286,35 +287,24 @@ def _launch_threads(commands: Mapping[str, Launch]) -> int | None:
 
 
 def checkpoint_policy(rc: RunConfig, run_dir: str, backend: str, warnings: list[str]) -> dict[str, Any]:
-    """Where checkpoints go and what survives a requeue, the same promise on both backends.
+    """Where checkpoints go and what survives a requeue, the same promise on both backends (the policy itself is
+    checkpoint_policy.py's; this adds the dir and what each backend does).
 
     Both resume from the newest complete checkpoint of the run (the run dir is stable per run name; on Neuron
     `train` pins it, see neuron/checkpoints.py). Only the torch trainer saves on SIGTERM/SIGUSR1; NxDT keeps its
     periodic cadence, so there a time limit loses the steps since the last periodic save.
     """
-    em = rc.cfg.exp_manager
-    params = em.checkpoint_callback_params
-    enabled = bool(em.create_checkpoint_callback) and params.save_top_k != 0
-    every = params.every_n_train_steps
-    resumes = bool(em.resume_if_exists or em.resume_from_checkpoint)
-    if not enabled:
-        warnings.append("checkpoints are off (exp_manager.create_checkpoint_callback false or save_top_k 0): "
-                        "a requeued or resubmitted job starts over")
-    elif not resumes:
-        warnings.append("exp_manager.resume_if_exists is false: a requeued or resubmitted job starts over instead of "
-                        "resuming from its checkpoints")
-    elif every is None or every >= rc.cfg.trainer.max_steps:
-        warnings.append("exp_manager.checkpoint_callback_params.every_n_train_steps saves nothing before the end: "
-                        "a failure loses the whole run")
+    decided = CheckpointPolicy.from_config(rc)
+    warnings.extend(decided.requeue_warnings())
     policy: dict[str, Any] = {
-        "enabled": enabled,
+        "enabled": decided.enabled,
         "dir": str(Path(run_dir) / "checkpoints"),
-        "every_n_train_steps": every,
-        "keep": int(params.save_top_k),
-        "resume_if_exists": resumes,
-        "async": bool(em.async_checkpointing),
+        "every_n_train_steps": decided.every_n_train_steps,
+        "keep": decided.keep,
+        "resume_if_exists": decided.resumes,
+        "async": decided.async_save,
         "save_on_signal": backend == "torch",
-        "max_steps": int(rc.cfg.trainer.max_steps),  # with every_n_train_steps and keep: how many are on disk
+        "max_steps": decided.max_steps,  # with every_n_train_steps and keep: how many are on disk
     }
     if backend == "torch":  # what a checkpoint must share with this run to be resumed (checkpoint_files.py)
         from llama3_hyperpod.torch_backend.checkpoint_files import run_identity

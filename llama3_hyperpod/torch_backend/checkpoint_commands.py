@@ -1,6 +1,6 @@
 """`checkpoint` commands: list a run's checkpoints and export one in Hugging Face format (`import`, which needs the
 plan options, is defined in cli.py and added to this group there; the export of an NxDT checkpoint is
-checkpoint_transfer.py's).
+checkpoint_export.py's).
 
 Registered by cli.py. torch, safetensors and the DCP reader are imported inside the commands so the CLI starts fast.
 Both check every file's sha256 against the done marker before trusting a checkpoint (`list --quick`: sizes only), so
@@ -147,7 +147,7 @@ def export(source: Path, out_dir: Path | None, config: Path | None, overrides: t
     if is_nxdt_tag(source):
         import os
 
-        from llama3_hyperpod.checkpoint_transfer import export_nxdt, load_run_config
+        from llama3_hyperpod.checkpoint_export import export_nxdt, load_run_config
         from llama3_hyperpod.neuron.launch import DEFAULT_NXDT_EXAMPLES
 
         rc = load_run_config(config, overrides, source.resolve())

@@ -15,7 +15,7 @@ Layout, under `<run_dir>/checkpoints/`:
 A checkpoint is *complete* when its done marker parses, lists .metadata and identity.json, is for its own step, and
 every listed file is a regular file of the listed size; it is *intact* when every file also has the listed digest
 (`problem(verify=True)`, what resume and export check before reading a byte of it). Nothing here deletes: which dirs
-may be deleted is decided in checkpoint.Checkpointer.prune.
+may be deleted is decided in checkpoint_retention.Retention.prune.
 
 A file's digest (DIGEST) is the sha256 of the sha256 digests of its 16 MiB blocks, in order: as sure a sign of changed
 content as a plain sha256 of the file, and its blocks are hashed by parallel threads (hashlib releases the GIL), so

@@ -28,10 +28,10 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from llama3_hyperpod.fsutil import fsync_path
+from llama3_hyperpod.fsutil import create_durably, fsync_path
 from llama3_hyperpod.hf import tensors as hf_tensors
 from llama3_hyperpod.hf.folder import HfFolder
-from llama3_hyperpod.torch_backend.checkpoint import STATE_DICT_OPTIONS
+from llama3_hyperpod.torch_backend.checkpoint_base import STATE_DICT_OPTIONS
 from llama3_hyperpod.torch_backend.checkpoint_files import (
     IDENTITY,
     MODEL_CONFIG,
@@ -72,13 +72,6 @@ class _Streaming(DefaultSavePlanner):
         return self._cache[name].contiguous()
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    with path.open("xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_step0(folder: HfFolder, plan: hf_tensors.Groups, hf_config: dict[str, Any], checkpoints: Path,
                 tmp_name: str) -> Path:
     """Write the weights-only step-0 checkpoint into `checkpoints/<tmp_name>`, then rename it to step_0000000.
@@ -98,14 +91,14 @@ def write_step0(folder: HfFolder, plan: hf_tensors.Groups, hf_config: dict[str, 
         planner = _Streaming(folder, plan)
         writer = FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1, sync_files=True)
         dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
-        _write_durably(tmp / MODEL_CONFIG, json.dumps(hf_config, indent=1).encode())
-        _write_durably(tmp / IDENTITY, json.dumps(run_identity(hf_config), indent=1).encode())
+        create_durably(tmp / MODEL_CONFIG, json.dumps(hf_config, indent=1).encode())
+        create_durably(tmp / IDENTITY, json.dumps(run_identity(hf_config), indent=1).encode())
         on_disk = sorted(p for p in tmp.rglob("*") if p.is_file())
         files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "digest": d}
                  for p, d in file_digests(on_disk).items()}
         marker = make_marker(0, files, world_size=1, layout=IMPORT_LAYOUT,
                              **{WEIGHTS_ONLY: True, "source": str(folder.root)})
-        _write_durably(tmp / "done", json.dumps(marker, indent=1).encode())
+        create_durably(tmp / "done", json.dumps(marker, indent=1).encode())
         fsync_path(tmp, directory=True)
         os.rename(tmp, final)
         fsync_path(checkpoints, directory=True)

@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from llama3_hyperpod import runlock
+from llama3_hyperpod.checkpoint_policy import CheckpointPolicy
 from llama3_hyperpod.config import ConfigError, RunConfig, load_config
 from llama3_hyperpod.errors import requeue_marker
 from llama3_hyperpod.fsutil import write_text
@@ -150,15 +151,15 @@ def _compile_cache_counters() -> str:
 
 def _checkpointer(rc: RunConfig, run_dir: Path, d: parallel.Dist, echo: bool) -> Checkpointer | None:
     """None when the config turns checkpoints off (create_checkpoint_callback false or save_top_k 0)."""
-    em = rc.cfg.exp_manager
-    if not em.create_checkpoint_callback or em.checkpoint_callback_params.save_top_k == 0:
+    policy = CheckpointPolicy.from_config(rc)
+    if not policy.enabled:
         return None
     return Checkpointer(
         run_dir,
         rank=d.rank,
         world_size=d.world_size,
-        keep=int(em.checkpoint_callback_params.save_top_k),
-        async_save=bool(em.async_checkpointing),
+        keep=policy.keep,
+        async_save=policy.async_save,
         hf_config=dict(rc.model.hf_config),
         layout={"tp": d.tp, "dp": d.dp},
         log=stderr_log if echo else (lambda _m: None),
@@ -329,8 +330,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
     def save_state(c: Checkpointer, done: int) -> None:
         c.save(done, b.model, b.optimizer, b.scheduler, b.batches.row_offset + done * rc.global_batch_size)
 
-    boundary = StepBoundary(ckpt, save_state, int(cfg.exp_manager.checkpoint_callback_params.every_n_train_steps or 0),
-                            max_steps, stop, d, device)
+    boundary = StepBoundary(ckpt, save_state, CheckpointPolicy.from_config(rc).save_every, max_steps, stop, d, device)
     result = TrainResult(peak_flops=peak_total, peak_source=peak_source, flops_per_token=b.fpt,
                          num_params=b.n_params, start_step=start_step, checkpoint_stall_s=boundary.stall_s)
     try:

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from llama3_hyperpod.config import load_config
-from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS
 from llama3_hyperpod.torch_backend.checkpoint_commands import checkpoint, load_model_state
+from llama3_hyperpod.torch_backend.checkpoint_files import CHECKPOINTS
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs
 from llama3_hyperpod.torch_backend.train import train
 from tests.conftest import CONFIG_TINY, run_cli

@@ -214,7 +214,7 @@ def test_to_hf_step_turns_a_full_state_dict_into_hf_safetensors(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) >= 2
     # step 4: config.json, tokenizer files, manifest beside them (the source: shards of an NxDT checkpoint's model/)
-    from llama3_hyperpod.checkpoint_transfer import complete_export
+    from llama3_hyperpod.checkpoint_export import complete_export
     from llama3_hyperpod.config import load_config
 
     source = tmp_path / "x.ckpt"

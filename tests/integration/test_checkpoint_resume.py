@@ -29,9 +29,17 @@ from llama3_hyperpod.config import load_config
 from llama3_hyperpod.errors import EXIT_REQUEUE, REQUEUE_MARKER
 from llama3_hyperpod.runlock import LOCK_NAME, read_holder
 from llama3_hyperpod.torch_backend import train as train_module
-from llama3_hyperpod.torch_backend.checkpoint import CHECKPOINTS, complete_checkpoints, list_step_dirs, problem
 from llama3_hyperpod.torch_backend.checkpoint_commands import load_model_state
-from llama3_hyperpod.torch_backend.checkpoint_files import DONE, SETASIDE_PREFIX, file_digests, step_dir
+from llama3_hyperpod.torch_backend.checkpoint_files import (
+    CHECKPOINTS,
+    DONE,
+    SETASIDE_PREFIX,
+    complete_checkpoints,
+    file_digests,
+    list_step_dirs,
+    problem,
+    step_dir,
+)
 from llama3_hyperpod.torch_backend.metrics import read_metrics
 from tests.conftest import CONFIG_TINY, REPO, run_cli
 from tests.token_data import write_byte_text_dataset
