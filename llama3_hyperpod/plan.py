@@ -25,6 +25,7 @@ from llama3_hyperpod.memory import MemoryEstimate, estimate_memory, flops_per_to
 from llama3_hyperpod.neuron import devices as neuron_devices
 from llama3_hyperpod.neuron import launch as neuron_launch
 from llama3_hyperpod.overrides import assignment
+from llama3_hyperpod.torch_backend import layout as torch_layout
 
 __all__ = ["Launch", "LayoutReport", "Plan", "build_plan", "checkpoint_policy", "default_data_root", "make_plan",
            "runtime_cache_dir"]
@@ -332,15 +333,7 @@ def _check_backend_rules(rc: RunConfig, acc: Accelerator) -> neuron_devices.Inst
     """The rules that depend on the backend; for neuron, the Trainium instance the config is for."""
     lay = rc.layout
     if acc.backend == "torch":
-        if lay.pp > 1:
-            raise ConfigError("distributed_strategy.pipeline_model_parallel_size",
-                              f"is {lay.pp}, but the torch backend has no pipeline parallelism: use 1")
-        if lay.cp > 1:
-            raise ConfigError("distributed_strategy.context_parallel_size",
-                              f"is {lay.cp}, but the torch backend has no context parallelism: use 1")
-        if rc.model.num_layers % lay.pp:
-            raise ConfigError("distributed_strategy.pipeline_model_parallel_size",
-                              f"{rc.model.num_layers} layers are not divisible by pipeline parallel {lay.pp}")
+        torch_layout.check_layout(lay, rc.model.num_key_value_heads)
         if acc.count is not None and acc.detected and lay.devices_per_node > acc.count and acc.device != "cpu":
             raise ConfigError("trainer.devices",
                               f"is {lay.devices_per_node}, but this node has {acc.count} {acc.device} devices")
