@@ -17,7 +17,7 @@ from typing import Any
 from llama3_hyperpod import schema
 from llama3_hyperpod.cache.seed import ENV_RUNTIME_DIR
 from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env, detect_accelerator
-from llama3_hyperpod.config import ConfigError, RunConfig, check_run_name, load_config, tokenizer_path
+from llama3_hyperpod.config import ConfigError, Layout, RunConfig, check_run_name, load_config, tokenizer_path
 from llama3_hyperpod.data.default import default_name
 from llama3_hyperpod.graphkey import graph_fields_from_config
 from llama3_hyperpod.launchspec import Launch, split_env
@@ -27,7 +27,7 @@ from llama3_hyperpod.neuron import launch as neuron_launch
 from llama3_hyperpod.overrides import assignment
 from llama3_hyperpod.torch_backend import layout as torch_layout
 
-__all__ = ["Launch", "LayoutReport", "Plan", "build_plan", "checkpoint_policy", "default_data_root", "make_plan",
+__all__ = ["Launch", "Plan", "PlanLayout", "build_plan", "checkpoint_policy", "default_data_root", "make_plan",
            "runtime_cache_dir"]
 
 DEFAULT_NXDT_EXAMPLES = neuron_launch.DEFAULT_NXDT_EXAMPLES
@@ -37,21 +37,24 @@ MEMORY_WARN_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
-class LayoutReport:
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-    zero1: bool
-    sequence_parallel: bool
-    kv_replicator: int
-    world_size: int
-    num_nodes: int
-    ranks_per_node: int
+class PlanLayout(Layout):
+    """The config's Layout plus what each device holds (heads, KV heads, layers) and the accumulation steps."""
+
     heads_per_device: int
     kv_heads_per_device: int
     layers_per_stage: int
     grad_accum_steps: int
+
+    @classmethod
+    def of(cls, rc: RunConfig) -> PlanLayout:
+        m, lay = rc.model, rc.layout
+        return cls(
+            **asdict(lay),
+            heads_per_device=m.num_attention_heads // lay.tp,
+            kv_heads_per_device=max(1, m.num_key_value_heads * lay.kv_replicator // lay.tp),
+            layers_per_stage=layers_per_stage(rc),
+            grad_accum_steps=rc.grad_accum_steps,
+        )
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Plan:
     accelerator_detected: bool
     cluster: dict[str, Any]
     model: dict[str, Any]
-    layout: LayoutReport
+    layout: PlanLayout
     memory: MemoryEstimate
     tokens_per_step: int
     flops_per_token: int
@@ -152,7 +155,7 @@ def build_plan(
         accelerator_detected=accelerator.detected,
         cluster=asdict(cluster),
         model=_model_report(rc),
-        layout=_layout_report(rc),
+        layout=PlanLayout.of(rc),
         memory=mem,
         tokens_per_step=rc.tokens_per_step,
         flops_per_token=fpt,
@@ -239,27 +242,6 @@ def _model_report(rc: RunConfig) -> dict[str, Any]:
         "seq_len": rc.seq_len,
         "source": str(rc.cfg.model_source),
     }
-
-
-def _layout_report(rc: RunConfig) -> LayoutReport:
-    """The config's Layout plus what each device holds (heads, KV heads, layers) and the accumulation steps."""
-    m, lay = rc.model, rc.layout
-    return LayoutReport(
-        tp=lay.tp,
-        pp=lay.pp,
-        cp=lay.cp,
-        dp=lay.dp,
-        zero1=lay.zero1,
-        sequence_parallel=lay.sequence_parallel,
-        kv_replicator=lay.kv_replicator,
-        world_size=lay.world_size,
-        num_nodes=lay.num_nodes,
-        ranks_per_node=lay.devices_per_node,
-        heads_per_device=m.num_attention_heads // lay.tp,
-        kv_heads_per_device=max(1, m.num_key_value_heads * lay.kv_replicator // lay.tp),
-        layers_per_stage=layers_per_stage(rc),
-        grad_accum_steps=rc.grad_accum_steps,
-    )
 
 
 def make_plan(config: Path, overrides: Sequence[str], backend: str, run_name: str | None, output_dir: str,

@@ -26,7 +26,7 @@ def render_plan(plan: Plan, console: Console) -> None:
     t.add_row("parameters", f"{model['parameters'] / 1e9:.3f} B ({model['num_layers']} layers, hidden "
               f"{model['hidden_size']}, {model['num_attention_heads']} heads, {model['num_key_value_heads']} KV heads)")
     t.add_row("parallelism", f"TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp} = {lay.world_size} ranks "
-              f"({lay.ranks_per_node} per node); ZeRO-1 {'on' if lay.zero1 else 'off'}, sequence parallel "
+              f"({lay.devices_per_node} per node); ZeRO-1 {'on' if lay.zero1 else 'off'}, sequence parallel "
               f"{'on' if lay.sequence_parallel else 'off'}, kv_replicator {lay.kv_replicator}")
     t.add_row("per device", f"{lay.heads_per_device} attention heads, {lay.kv_heads_per_device} KV heads, "
               f"{lay.layers_per_stage} layers")

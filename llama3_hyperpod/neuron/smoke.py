@@ -107,7 +107,7 @@ def build_smoke_plan(config: Path, steps: int, output_dir: Path, overrides: Sequ
         dataset=dataset,
         cache_dir=plan.compile_cache_dir,
         layout=(f"{plan.model['parameters'] / 1e6:.1f}M parameters, TP {lay.tp} x PP {lay.pp} x DP {lay.dp} on "
-                f"{lay.ranks_per_node} NeuronCores of a {plan.instance}, {steps} steps, seq {plan.model['seq_len']}, "
+                f"{lay.devices_per_node} NeuronCores of a {plan.instance}, {steps} steps, seq {plan.model['seq_len']}, "
                 f"{plan.memory.precision}"),
         steps=[
             SmokeStep("preflight", [*cli, "preflight", *common, "--mode", "compile"],
