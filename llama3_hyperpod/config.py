@@ -134,7 +134,7 @@ def load_config(
     OmegaConf.set_readonly(raw, True)
 
     try:  # a mandatory value still missing (model.model_config: ???) surfaces here, as OmegaConf's exception
-        model = load_model_shape(typed)
+        arch = load_llama_args(typed)
         layout = _layout(typed)
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, fallback="config") from None
@@ -145,7 +145,7 @@ def load_config(
         nxdt_overrides=tuple(nxdt_items),
         cfg=typed,
         raw=raw,
-        model=model,
+        model=arch,
         layout=layout,
         seq_len=seq_len,
         micro_batch_size=typed.data.micro_batch_size,
@@ -334,11 +334,11 @@ def _type_name(ref_type: Any) -> str:
 # ---------------------------------------------------------------------------------------------------- model and layout
 
 
-def load_model_shape(cfg: DictConfig) -> LlamaArgs:
+def load_llama_args(cfg: DictConfig) -> LlamaArgs:
     """The architecture: an HF config.json with the YAML's overrides (NxDT's hf source, llama_model.py:27-50), or the
     inline keys plus the tokenizer's vocabulary (its megatron source)."""
     if cfg.model_source == "megatron":
-        return _megatron_shape(cfg)
+        return _megatron_args(cfg)
     key = "model.model_config"
     if not cfg.model.model_config:
         raise ConfigError(key, "is required: the Hugging Face config.json of the model (model_source: hf)")
@@ -363,7 +363,7 @@ def load_model_shape(cfg: DictConfig) -> LlamaArgs:
     return LlamaArgs.from_hf(hf, key, str(path))
 
 
-def _megatron_shape(cfg: DictConfig) -> LlamaArgs:
+def _megatron_args(cfg: DictConfig) -> LlamaArgs:
     """NxDT's megatron source: the architecture inline, the vocabulary from the tokenizer, padded as Megatron pads
     it (a multiple of make_vocab_size_divisible_by x tensor parallel)."""
     m = cfg.model

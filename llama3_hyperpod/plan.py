@@ -67,7 +67,7 @@ class Plan:
     device: str
     accelerator_detected: bool
     cluster: dict[str, Any]
-    model: dict[str, Any]
+    model: dict[str, Any]  # _model_summary: the architecture's numbers as shown (JSON key `model`)
     layout: PlanLayout
     memory: MemoryEstimate
     tokens_per_step: int
@@ -154,7 +154,7 @@ def build_plan(
         device=accelerator.device,
         accelerator_detected=accelerator.detected,
         cluster=asdict(cluster),
-        model=_model_report(rc),
+        model=_model_summary(rc),
         layout=PlanLayout.of(rc),
         memory=mem,
         tokens_per_step=rc.tokens_per_step,
@@ -228,7 +228,8 @@ def _soft_warnings(rc: RunConfig, accelerator: Accelerator, instance: neuron_dev
     return warnings
 
 
-def _model_report(rc: RunConfig) -> dict[str, Any]:
+def _model_summary(rc: RunConfig) -> dict[str, Any]:
+    """The architecture's numbers the plan shows (Plan.model: a summary, not the YAML section or the nn.Module)."""
     m = rc.model
     return {
         "parameters": m.parameter_count(),

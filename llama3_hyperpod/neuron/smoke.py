@@ -78,7 +78,8 @@ class NeuronSmokePlan:
 def build_smoke_plan(config: Path, steps: int, output_dir: Path, overrides: Sequence[str],
                      env: Mapping[str, str] | None = None, python: str = sys.executable,
                      run_name: str | None = None) -> NeuronSmokePlan:
-    """The smoke's steps and criteria for `config` (tiny_neuron.yaml by default). Pure but for reading files."""
+    """The smoke's steps and criteria for `config` (tiny_neuron.yaml by default). Reads files, the clock (the
+    default run name) and this machine's devices; writes nothing."""
     from llama3_hyperpod.cluster import detect_accelerator
     from llama3_hyperpod.config import load_config
     from llama3_hyperpod.data.default import default_name

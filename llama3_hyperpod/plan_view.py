@@ -1,4 +1,7 @@
-"""Render a plan for people (rich tables); `--json` prints the same data for programs."""
+"""Render a plan for people (rich tables); `--json` prints the same data for programs.
+
+Not the `report` command: that one plots a run's metrics (torch_backend/commands.py plot_metrics).
+"""
 
 from __future__ import annotations
 
@@ -34,16 +37,17 @@ def _print_header(plan: Plan, console: Console) -> None:
 
 
 def _model_table(plan: Plan) -> Table:
-    lay, model = plan.layout, plan.model
+    lay, summary = plan.layout, plan.model
     t = Table(title="Model and layout", show_header=False)
-    t.add_row("parameters", f"{model['parameters'] / 1e9:.3f} B ({model['num_layers']} layers, hidden "
-              f"{model['hidden_size']}, {model['num_attention_heads']} heads, {model['num_key_value_heads']} KV heads)")
+    t.add_row("parameters", f"{summary['parameters'] / 1e9:.3f} B ({summary['num_layers']} layers, hidden "
+              f"{summary['hidden_size']}, {summary['num_attention_heads']} heads, "
+              f"{summary['num_key_value_heads']} KV heads)")
     t.add_row("parallelism", f"TP {lay.tp} x PP {lay.pp} x CP {lay.cp} x DP {lay.dp} = {lay.world_size} ranks "
               f"({lay.devices_per_node} per node); ZeRO-1 {'on' if lay.zero1 else 'off'}, sequence parallel "
               f"{'on' if lay.sequence_parallel else 'off'}, kv_replicator {lay.kv_replicator}")
     t.add_row("per device", f"{lay.heads_per_device} attention heads, {lay.kv_heads_per_device} KV heads, "
               f"{lay.layers_per_stage} layers")
-    t.add_row("batch", f"seq {model['seq_len']}, {plan.tokens_per_step:,} tokens per step, "
+    t.add_row("batch", f"seq {summary['seq_len']}, {plan.tokens_per_step:,} tokens per step, "
               f"{lay.grad_accum_steps} accumulation step(s)")
     t.add_row("compute", f"{plan.flops_per_token / 1e9:.1f} GFLOP per token, {plan.flops_per_step / 1e15:.1f} "
               "PFLOP per step" + (f"; peak {plan.peak_flops_per_device / 1e12:.0f} TFLOP/s per device"
