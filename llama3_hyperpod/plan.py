@@ -325,6 +325,10 @@ def _check_backend_rules(rc: RunConfig, acc: Accelerator) -> neuron_devices.Inst
     if acc.detected and acc.count is not None and lay.devices_per_node * instance.lnc > acc.count:
         raise ConfigError("trainer.devices", f"is {lay.devices_per_node} (x lnc {instance.lnc}), but this node has "
                           f"{acc.count} NeuronCores")
+    m = rc.model
+    if m.head_dim * m.num_attention_heads != m.hidden_size:  # hf/llama_config.py LlamaArgs.head_dim: NxDT's lines
+        raise ConfigError("model.model_config", f"head_dim {m.head_dim} is not hidden_size {m.hidden_size} / "
+                          f"{m.num_attention_heads} heads: NxDT ignores head_dim and would build another model")
     for key in schema.ORCHESTRATOR_REQUIRED:
         if key not in rc.present:
             raise ConfigError(key, "is missing: NxDT's training_orchestrator.py reads it in process_config "

@@ -25,6 +25,10 @@ class LlamaArgs:
     num_layers: int
     num_attention_heads: int
     num_key_value_heads: int
+    # config.json's head_dim, as transformers and our torch model use it. NxDT ignores it and uses
+    # hidden_size // num_attention_heads (aws-neuron/neuronx-distributed-training: models/hf_models/modeling_llama.py
+    # LlamaAttention.__init__, lightning_modules/model/hf_models/llama_model.py get_sin_cos_matrix); every Llama 3
+    # config.json has the two equal.
     head_dim: int
     vocab_size: int
     max_position_embeddings: int
