@@ -104,7 +104,7 @@ def plan(config: Path, overrides: tuple[str, ...], backend: str, run_name: str |
         click.echo(json.dumps(planned.to_dict(), indent=2))
     else:
         from llama3_hyperpod.console import stdout_console
-        from llama3_hyperpod.report import render_plan
+        from llama3_hyperpod.plan_view import render_plan
 
         render_plan(planned, stdout_console())
     check_memory(planned)

@@ -25,8 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llama3_hyperpod import nxdt_keys, overrides, schema
 from llama3_hyperpod.errors import ConfigError
+from llama3_hyperpod.hf.llama_config import LlamaArgs
 
-__all__ = ["PATH_KEYS", "ConfigError", "Layout", "ModelShape", "RunConfig", "load_config", "tokenizer_path"]
+__all__ = ["PATH_KEYS", "ConfigError", "Layout", "LlamaArgs", "RunConfig", "load_config", "tokenizer_path"]
 
 # NeMo registers `multiply` on import (nemo/core/classes/modelPT.py: `OmegaConf.register_new_resolver("multiply",
 # lambda x, y: x * y, replace=True)`); NxDT's example configs use it for checkpoint_callback_params.model_parallel_size.
@@ -71,35 +72,6 @@ _ABSENT = object()
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """The numbers of the Llama architecture that planning and the torch backend need."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    max_position_embeddings: int
-    rope_theta: float
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    hf_config: dict[str, Any]  # the effective config.json: the torch model (LlamaArgs) reads rope_scaling from it
-
-    @property
-    def head_dim(self) -> int:
-        # NxDT sets head_dim = hidden_size // num_attention_heads whatever config.json says (llama_model.py:50)
-        return self.hidden_size // self.num_attention_heads
-
-    def parameter_count(self) -> int:
-        """Exact count for the Llama architecture (no biases), embeddings and output layer included."""
-        h, f, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
-        per_layer = h * h * 2 + h * kv * 2 + 3 * h * f + 2 * h
-        output = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * per_layer + h + output
-
-
-@dataclass(frozen=True)
 class Layout:
     """How the world of devices is split: tensor x pipeline x context x data parallel."""
 
@@ -122,7 +94,7 @@ class RunConfig:
     nxdt_overrides: tuple[str, ...]  # the same, with relative paths made absolute: what NxDT must receive
     cfg: DictConfig  # the typed view of the keys we interpret (defaults filled in)
     raw: DictConfig  # everything NxDT will see, interpolations resolved
-    model: ModelShape
+    model: LlamaArgs  # the architecture (hf/llama_config.py), not the YAML's model section (cfg.model)
     layout: Layout
     seq_len: int
     micro_batch_size: int
@@ -162,7 +134,7 @@ def load_config(
     OmegaConf.set_readonly(raw, True)
 
     try:  # a mandatory value still missing (model.model_config: ???) surfaces here, as OmegaConf's exception
-        model = load_model_shape(typed)
+        arch = load_llama_args(typed)
         layout = _layout(typed)
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, fallback="config") from None
@@ -173,7 +145,7 @@ def load_config(
         nxdt_overrides=tuple(nxdt_items),
         cfg=typed,
         raw=raw,
-        model=model,
+        model=arch,
         layout=layout,
         seq_len=seq_len,
         micro_batch_size=typed.data.micro_batch_size,
@@ -362,11 +334,11 @@ def _type_name(ref_type: Any) -> str:
 # ---------------------------------------------------------------------------------------------------- model and layout
 
 
-def load_model_shape(cfg: DictConfig) -> ModelShape:
+def load_llama_args(cfg: DictConfig) -> LlamaArgs:
     """The architecture: an HF config.json with the YAML's overrides (NxDT's hf source, llama_model.py:27-50), or the
     inline keys plus the tokenizer's vocabulary (its megatron source)."""
     if cfg.model_source == "megatron":
-        return _megatron_shape(cfg)
+        return _megatron_args(cfg)
     key = "model.model_config"
     if not cfg.model.model_config:
         raise ConfigError(key, "is required: the Hugging Face config.json of the model (model_source: hf)")
@@ -386,41 +358,12 @@ def load_model_shape(cfg: DictConfig) -> ModelShape:
         value = cfg.model.get(yaml_key)
         if value is not None and value != -1:
             hf[hf_key] = value
-    return _shape_from_hf(hf, key, path)
+    if hf.get("max_position_embeddings") is None:  # the sequence length is checked against it (validate)
+        raise ConfigError(key, f"{path}: 'max_position_embeddings' must be a positive integer, got None")
+    return LlamaArgs.from_hf(hf, key, str(path))
 
 
-def _shape_from_hf(hf: dict[str, Any], key: str, path: Path | str) -> ModelShape:
-    def need_int(name: str, default: int | None = None) -> int:
-        value = hf.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(key, f"{path}: '{name}' must be a positive integer, got {value!r}")
-        return value
-
-    heads = need_int("num_attention_heads")
-    rope_scaling = hf.get("rope_scaling")
-    if rope_scaling is not None and (not isinstance(rope_scaling, dict) or "factor" not in rope_scaling):
-        raise ConfigError(key, f"{path}: 'rope_scaling' must be an object with a 'factor', got {rope_scaling!r}")
-    try:
-        rope_theta = float(hf.get("rope_theta", 10000.0))
-        eps = float(hf.get("rms_norm_eps", 1e-6))
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"{path}: 'rope_theta' and 'rms_norm_eps' must be numbers") from None
-    return ModelShape(
-        hidden_size=need_int("hidden_size"),
-        intermediate_size=need_int("intermediate_size"),
-        num_layers=need_int("num_hidden_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=need_int("num_key_value_heads", heads),
-        vocab_size=need_int("vocab_size"),
-        max_position_embeddings=need_int("max_position_embeddings"),
-        rope_theta=rope_theta,
-        rms_norm_eps=eps,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        hf_config=hf,
-    )
-
-
-def _megatron_shape(cfg: DictConfig) -> ModelShape:
+def _megatron_args(cfg: DictConfig) -> LlamaArgs:
     """NxDT's megatron source: the architecture inline, the vocabulary from the tokenizer, padded as Megatron pads
     it (a multiple of make_vocab_size_divisible_by x tensor parallel)."""
     m = cfg.model
@@ -443,7 +386,7 @@ def _megatron_shape(cfg: DictConfig) -> ModelShape:
         "rms_norm_eps": m.layernorm_epsilon or 1e-5,
         "tie_word_embeddings": bool(m.share_embeddings_and_output_weights),
     }
-    return _shape_from_hf(hf, "model", "the megatron model section")
+    return LlamaArgs.from_hf(hf, "model", "the megatron model section")
 
 
 def _tokenizer_vocab_size(cfg: DictConfig) -> int:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 EXIT_BAD_INPUT = 2  # bad config, override or environment: one line on stderr names the key
+EXIT_FAILED = 1  # the work itself failed (a build, a conversion): one line on stderr says what
 EXIT_REQUEUE = 85  # a checkpoint was saved on SIGTERM/SIGUSR1: requeue the job and it resumes from there
 REQUEUE_MARKER = ".requeue"  # written in the run dir by the trainer when it checkpointed and exits for a requeue
 
@@ -47,6 +48,19 @@ def report_bad_input(key: str, message: str) -> int:
 def fail(key: str, message: str) -> NoReturn:
     """End the command on a user error: one line on stderr, exit 2."""
     sys.exit(report_bad_input(key, message))
+
+
+def run_main(body: Callable[[], object], failure: type[Exception], say: Callable[[Exception], str] = str) -> int:
+    """A script's main() around its body: a ConfigError is its one line and EXIT_BAD_INPUT, `failure` (the work
+    failed, not the input) the line `error: <say(exc)>` and EXIT_FAILED, anything else a bug with its traceback."""
+    try:
+        body()
+    except ConfigError as exc:
+        return report_bad_input(exc.key, exc.message)
+    except failure as exc:
+        print(f"error: {_one_line(say(exc))}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return 0
 
 
 @contextlib.contextmanager

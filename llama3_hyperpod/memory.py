@@ -222,28 +222,11 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
     tokens = rc.seq_len * rc.micro_batch_size
     h, f, tp, dp = m.hidden_size, m.intermediate_size, lay.tp, lay.dp
     granularity = rc.cfg.model.activations_checkpoint_granularity
-    layers = m.num_layers
-    block = (2 * h * h + 2 * h * m.head_dim * m.num_key_value_heads + 3 * h * f) // tp + 2 * h
-    root = n - layers * block
-    if dp > 1:
-        gathered = n if lay.zero1 else 2 * block + root
-        weights = (n // dp + gathered) * 4
-        grads_step = (n // dp + block) * 4
-    else:
-        weights, grads_step = n * 4, n * 4
+    weights, grads_step = _torch_weights_and_grads(rc, n)
     optimizer = n // dp * 8
-    saved = layers * _torch_layer_saved(rc, device, recompute=granularity)
-    if granularity == "full":
-        saved += _torch_layer_saved(rc, device, recompute=None)
+    saved = _torch_saved(rc, device, tokens)
+    loss, output_grad = _torch_loss(rc, tokens)
     act = 2 if device == "cuda" else 4
-    sp = tp if lay.sequence_parallel else 1
-    saved += tokens * h // sp * 4  # the last block's output, kept by the final norm
-    if tp > 1:
-        loss = 3 * tokens * m.vocab_size // tp * 4 + tokens * h * 4  # loss parallel on the logits + output's input
-        output_grad = 0
-    else:
-        loss = tokens * h * 4 + _CE_CHUNK_BYTES
-        output_grad = m.vocab_size * h * 4 // dp if dp > 1 else m.vocab_size * h * 4
     # The first block's backward: gradients of its MLP intermediates (3 x f) and of two hidden-size tensors.
     transient = tokens * (3 * (f // tp) * act + 2 * h * 4)
     accumulated = grads_step if rc.grad_accum_steps > 1 else 0
@@ -272,3 +255,34 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
         allocator=allocator,
         peak_phase=phase,
     )
+
+
+def _torch_weights_and_grads(rc: RunConfig, n: int) -> tuple[int, int]:
+    """fp32 parameters resident during the step (this rank's shard + what FSDP2 has gathered) and the gradients at
+    the optimizer step (the shard + one block's unsharded gradients waiting for their reduce-scatter)."""
+    m, lay = rc.model, rc.layout
+    h, f, tp, dp = m.hidden_size, m.intermediate_size, lay.tp, lay.dp
+    block = (2 * h * h + 2 * h * m.head_dim * m.num_key_value_heads + 3 * h * f) // tp + 2 * h
+    root = n - m.num_layers * block
+    if dp == 1:
+        return n * 4, n * 4
+    gathered = n if lay.zero1 else 2 * block + root
+    return (n // dp + gathered) * 4, (n // dp + block) * 4
+
+
+def _torch_saved(rc: RunConfig, device: str, tokens: int) -> int:
+    """What every block saves for backward (one block whole again under full recompute) + the last block's output."""
+    granularity = rc.cfg.model.activations_checkpoint_granularity
+    saved = rc.model.num_layers * _torch_layer_saved(rc, device, recompute=granularity)
+    if granularity == "full":
+        saved += _torch_layer_saved(rc, device, recompute=None)
+    sp = rc.layout.tp if rc.layout.sequence_parallel else 1
+    return saved + tokens * rc.model.hidden_size // sp * 4  # the last block's output, kept by the final norm
+
+
+def _torch_loss(rc: RunConfig, tokens: int) -> tuple[int, int]:
+    """The loss node's memory at the start of backward, and the output layer's gradient it already holds."""
+    h, vocab, tp, dp = rc.model.hidden_size, rc.model.vocab_size, rc.layout.tp, rc.layout.dp
+    if tp > 1:
+        return 3 * tokens * vocab // tp * 4 + tokens * h * 4, 0  # loss parallel on the logits + output's input
+    return tokens * h * 4 + _CE_CHUNK_BYTES, vocab * h * 4 // dp if dp > 1 else vocab * h * 4

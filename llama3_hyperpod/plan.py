@@ -18,7 +18,7 @@ from llama3_hyperpod import schema
 from llama3_hyperpod.cache.seed import ENV_RUNTIME_DIR
 from llama3_hyperpod.checkpoint_policy import CheckpointPolicy
 from llama3_hyperpod.cluster import Accelerator, Cluster, _int_env, cluster_from_env, detect_accelerator
-from llama3_hyperpod.config import ConfigError, RunConfig, check_run_name, load_config, tokenizer_path
+from llama3_hyperpod.config import ConfigError, Layout, RunConfig, check_run_name, load_config, tokenizer_path
 from llama3_hyperpod.data.default import default_name
 from llama3_hyperpod.graphkey import graph_fields_from_config
 from llama3_hyperpod.launchspec import Launch, split_env
@@ -26,8 +26,9 @@ from llama3_hyperpod.memory import MemoryEstimate, estimate_memory, flops_per_to
 from llama3_hyperpod.neuron import devices as neuron_devices
 from llama3_hyperpod.neuron import launch as neuron_launch
 from llama3_hyperpod.overrides import assignment
+from llama3_hyperpod.torch_backend import layout as torch_layout
 
-__all__ = ["Launch", "LayoutReport", "Plan", "build_plan", "checkpoint_policy", "default_data_root", "make_plan",
+__all__ = ["Launch", "Plan", "PlanLayout", "build_plan", "checkpoint_policy", "default_data_root", "make_plan",
            "runtime_cache_dir"]
 
 DEFAULT_NXDT_EXAMPLES = neuron_launch.DEFAULT_NXDT_EXAMPLES
@@ -37,21 +38,24 @@ MEMORY_WARN_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
-class LayoutReport:
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-    zero1: bool
-    sequence_parallel: bool
-    kv_replicator: int
-    world_size: int
-    num_nodes: int
-    ranks_per_node: int
+class PlanLayout(Layout):
+    """The config's Layout plus what each device holds (heads, KV heads, layers) and the accumulation steps."""
+
     heads_per_device: int
     kv_heads_per_device: int
     layers_per_stage: int
     grad_accum_steps: int
+
+    @classmethod
+    def of(cls, rc: RunConfig) -> PlanLayout:
+        m, lay = rc.model, rc.layout
+        return cls(
+            **asdict(lay),
+            heads_per_device=m.num_attention_heads // lay.tp,
+            kv_heads_per_device=max(1, m.num_key_value_heads * lay.kv_replicator // lay.tp),
+            layers_per_stage=layers_per_stage(rc),
+            grad_accum_steps=rc.grad_accum_steps,
+        )
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,8 @@ class Plan:
     device: str
     accelerator_detected: bool
     cluster: dict[str, Any]
-    model: dict[str, Any]
-    layout: LayoutReport
+    model: dict[str, Any]  # _model_summary: the architecture's numbers as shown (JSON key `model`)
+    layout: PlanLayout
     memory: MemoryEstimate
     tokens_per_step: int
     flops_per_token: int
@@ -151,8 +155,8 @@ def build_plan(
         device=accelerator.device,
         accelerator_detected=accelerator.detected,
         cluster=asdict(cluster),
-        model=_model_report(rc),
-        layout=_layout_report(rc),
+        model=_model_summary(rc),
+        layout=PlanLayout.of(rc),
         memory=mem,
         tokens_per_step=rc.tokens_per_step,
         flops_per_token=fpt,
@@ -225,7 +229,8 @@ def _soft_warnings(rc: RunConfig, accelerator: Accelerator, instance: neuron_dev
     return warnings
 
 
-def _model_report(rc: RunConfig) -> dict[str, Any]:
+def _model_summary(rc: RunConfig) -> dict[str, Any]:
+    """The architecture's numbers the plan shows (Plan.model: a summary, not the YAML section or the nn.Module)."""
     m = rc.model
     return {
         "parameters": m.parameter_count(),
@@ -239,27 +244,6 @@ def _model_report(rc: RunConfig) -> dict[str, Any]:
         "seq_len": rc.seq_len,
         "source": str(rc.cfg.model_source),
     }
-
-
-def _layout_report(rc: RunConfig) -> LayoutReport:
-    """The config's Layout plus what each device holds (heads, KV heads, layers) and the accumulation steps."""
-    m, lay = rc.model, rc.layout
-    return LayoutReport(
-        tp=lay.tp,
-        pp=lay.pp,
-        cp=lay.cp,
-        dp=lay.dp,
-        zero1=lay.zero1,
-        sequence_parallel=lay.sequence_parallel,
-        kv_replicator=lay.kv_replicator,
-        world_size=lay.world_size,
-        num_nodes=lay.num_nodes,
-        ranks_per_node=lay.devices_per_node,
-        heads_per_device=m.num_attention_heads // lay.tp,
-        kv_heads_per_device=max(1, m.num_key_value_heads * lay.kv_replicator // lay.tp),
-        layers_per_stage=layers_per_stage(rc),
-        grad_accum_steps=rc.grad_accum_steps,
-    )
 
 
 def make_plan(config: Path, overrides: Sequence[str], backend: str, run_name: str | None, output_dir: str,
@@ -322,15 +306,7 @@ def _check_backend_rules(rc: RunConfig, acc: Accelerator) -> neuron_devices.Inst
     """The rules that depend on the backend; for neuron, the Trainium instance the config is for."""
     lay = rc.layout
     if acc.backend == "torch":
-        if lay.pp > 1:
-            raise ConfigError("distributed_strategy.pipeline_model_parallel_size",
-                              f"is {lay.pp}, but the torch backend has no pipeline parallelism: use 1")
-        if lay.cp > 1:
-            raise ConfigError("distributed_strategy.context_parallel_size",
-                              f"is {lay.cp}, but the torch backend has no context parallelism: use 1")
-        if rc.model.num_layers % lay.pp:
-            raise ConfigError("distributed_strategy.pipeline_model_parallel_size",
-                              f"{rc.model.num_layers} layers are not divisible by pipeline parallel {lay.pp}")
+        torch_layout.check_layout(lay, rc.model.num_key_value_heads)
         if acc.count is not None and acc.detected and lay.devices_per_node > acc.count and acc.device != "cpu":
             raise ConfigError("trainer.devices",
                               f"is {lay.devices_per_node}, but this node has {acc.count} {acc.device} devices")
@@ -339,6 +315,10 @@ def _check_backend_rules(rc: RunConfig, acc: Accelerator) -> neuron_devices.Inst
     if acc.detected and acc.count is not None and lay.devices_per_node * instance.lnc > acc.count:
         raise ConfigError("trainer.devices", f"is {lay.devices_per_node} (x lnc {instance.lnc}), but this node has "
                           f"{acc.count} NeuronCores")
+    m = rc.model
+    if m.head_dim * m.num_attention_heads != m.hidden_size:  # hf/llama_config.py LlamaArgs.head_dim: NxDT's lines
+        raise ConfigError("model.model_config", f"head_dim {m.head_dim} is not hidden_size {m.hidden_size} / "
+                          f"{m.num_attention_heads} heads: NxDT ignores head_dim and would build another model")
     for key in schema.ORCHESTRATOR_REQUIRED:
         if key not in rc.present:
             raise ConfigError(key, "is missing: NxDT's training_orchestrator.py reads it in process_config "

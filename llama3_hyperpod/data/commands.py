@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from llama3_hyperpod.data.prepare import Progress as Counters
 
 
+def _required_path(name: str, short: str, help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A required path option (`--output`/`-o` of both writers, prepare's `--tokenizer`/`-t`)."""
+    return click.option(name, short, type=click.Path(path_type=Path), required=True, help=help_text)
+
+
+_TEXT_FIELD = click.option("--text-field", default="text", show_default=True,
+                           help="Text field of jsonl/parquet/hub rows.")
+
+
 @click.group("data")
 def data() -> None:
     """Prepare training data: tokenize and pack text into the Arrow dataset NxDT loads."""
@@ -27,17 +36,12 @@ def data() -> None:
 
 @data.command("prepare")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Dataset folder to create.")
-@click.option(
-    "--tokenizer",
-    "-t",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="tokenizer.json, or a folder holding one (e.g. the Llama 3 tokenizer you downloaded).",
-)
+@_required_path("--output", "-o", "Dataset folder to create.")
+@_required_path("--tokenizer", "-t",
+                "tokenizer.json, or a folder holding one (e.g. the Llama 3 tokenizer you downloaded).")
 @click.option("--seq-len", type=int, required=True, help="Tokens per block (the model's encoder_seq_length).")
 @click.option("--workers", type=int, default=None, help="Tokenizer processes [default: all CPUs].")
-@click.option("--text-field", default="text", show_default=True, help="Text field of jsonl/parquet/hub rows.")
+@_TEXT_FIELD
 @click.option(
     "--txt-split",
     type=click.Choice(["file", "paragraph", "line"]),
@@ -90,15 +94,9 @@ def prepare_cmd(
 
 @data.command("train-tokenizer")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="tokenizer.json to write (or a folder to write it into).",
-)
+@_required_path("--output", "-o", "tokenizer.json to write (or a folder to write it into).")
 @click.option("--vocab-size", type=int, required=True, help="Vocabulary size including BOS/EOS.")
-@click.option("--text-field", default="text", show_default=True, help="Text field of jsonl/parquet/hub rows.")
+@_TEXT_FIELD
 @click.option("--txt-split", type=click.Choice(["file", "paragraph", "line"]), default="file", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing tokenizer file.")
 def train_tokenizer_cmd(

@@ -123,36 +123,21 @@ def prepare(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize, pack and write `corpus` to `output` atomically; returns the metadata written beside the data."""
-    if seq_len < 1:
-        raise DataError("seq-len", f"must be positive, got {seq_len}")
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers < 1:
-        raise DataError("workers", f"must be at least 1, got {workers}")
+    workers = _checked_workers(seq_len, workers)
     check_destination(output, force=force)
     _check_no_overlap(output, corpus)
     tok = load_tokenizer(tokenizer)
     progress = Progress(total_bytes=corpus.inspect())
     packer = Packer(seq_len)
-    documents = empty = total_tokens = 0
     with atomic_folder(output, force=force) as tmp:
         writer = ShardWriter(tmp, seq_len)
-        for result in _encoded(corpus, tok, workers):
-            documents += result.documents
-            empty += result.empty_documents
-            total_tokens += result.tokens.size
-            writer.write(packer.feed(result.tokens))
-            progress.bytes_done += result.nbytes
-            progress.tokens = total_tokens
-            progress.documents = documents
-            if on_progress is not None:
-                on_progress(progress)
-        if documents == 0:
+        empty = _pack(corpus, tok, workers, packer, writer, progress, on_progress)
+        if progress.documents == 0:
             raise DataError("inputs", "no documents found (all inputs are empty)")
         if writer.rows == 0:
             raise DataError(
                 "inputs",
-                f"corpus has {total_tokens} tokens, fewer than one block of seq_len {seq_len}: nothing to write",
+                f"corpus has {progress.tokens} tokens, fewer than one block of seq_len {seq_len}: nothing to write",
             )
         content = writer.digest.hexdigest()
         writer.finish(fingerprint=hashlib.sha256(f"{tok.sha256}:{seq_len}:{content}".encode()).hexdigest()[:16])
@@ -164,9 +149,9 @@ def prepare(
             "dtype": "int32",
             "columns": ["input_ids", "labels"],
             "tokenizer": tok.as_json(),
-            "documents": documents,
+            "documents": progress.documents,
             "empty_documents_skipped": empty,
-            "tokens_total": total_tokens,
+            "tokens_total": progress.tokens,
             "tokens": writer.rows * seq_len,
             "blocks": writer.rows,
             "dropped_tokens": int(packer.remainder.size),
@@ -177,6 +162,33 @@ def prepare(
         }
         write_json(tmp / METADATA_FILE, metadata)
     return metadata
+
+
+def _checked_workers(seq_len: int, workers: int | None) -> int:
+    """The tokenizer processes to use (all CPUs unless told); a seq_len or worker count below 1 is a DataError."""
+    if seq_len < 1:
+        raise DataError("seq-len", f"must be positive, got {seq_len}")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:
+        raise DataError("workers", f"must be at least 1, got {workers}")
+    return workers
+
+
+def _pack(corpus: Corpus, tok: TokenizerInfo, workers: int, packer: Packer, writer: ShardWriter,
+          progress: Progress, on_progress: Callable[[Progress], None] | None) -> int:
+    """Encode every document, pack the tokens into rows and write them, counting in `progress`; returns how many
+    documents were empty."""
+    empty = 0
+    for result in _encoded(corpus, tok, workers):
+        empty += result.empty_documents
+        writer.write(packer.feed(result.tokens))
+        progress.bytes_done += result.nbytes
+        progress.tokens += result.tokens.size
+        progress.documents += result.documents
+        if on_progress is not None:
+            on_progress(progress)
+    return empty
 
 
 def _check_no_overlap(output: Path, corpus: Corpus) -> None:

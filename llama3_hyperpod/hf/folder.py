@@ -21,6 +21,7 @@ from typing import Any
 
 from llama3_hyperpod.errors import ConfigError
 from llama3_hyperpod.fsutil import sha256_file
+from llama3_hyperpod.hf.llama_config import LlamaArgs
 from llama3_hyperpod.hf.safetensors_io import SafetensorsError, TensorEntry, read_header
 
 CONFIG = "config.json"
@@ -121,38 +122,21 @@ def _read_json(path: Path, key: str) -> Any:
 
 
 def architecture(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The fields that decide the weights and what they mean, named for people, from an HF config (classic
-    `rope_theta` / `rope_scaling`, or transformers 5's `rope_parameters`). ConfigError when one is missing."""
-
-    def need(name: str, default: Any = None) -> int:
-        value = hf.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(where, f"'{name}' must be a positive integer, got {value!r}")
-        return value
-
-    heads = need("num_attention_heads")
-    hidden = need("hidden_size")
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling")
-    if scaling is None and rope.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if isinstance(scaling, dict):
-        scaling = {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
-        if scaling.get("rope_type", "default") == "default":
-            scaling = None
+    """The fields that decide the weights and what they mean, named for people, from an HF config (read by the one
+    parser, hf/llama_config.py: both RoPE spellings). ConfigError on `where` when one is missing."""
+    args = LlamaArgs.from_hf(hf, where)
     return {
         "model type": hf.get("model_type", "llama"),
-        "layers": need("num_hidden_layers"),
-        "heads": heads,
-        "KV heads": need("num_key_value_heads", heads),
-        "hidden": hidden,
-        "head dim": hf.get("head_dim") or hidden // heads,
-        "intermediate": need("intermediate_size"),
-        "vocab": need("vocab_size"),
-        "rope theta": float(theta),
-        "rope scaling": scaling,
-        "tied embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "layers": args.num_layers,
+        "heads": args.num_attention_heads,
+        "KV heads": args.num_key_value_heads,
+        "hidden": args.hidden_size,
+        "head dim": args.head_dim,
+        "intermediate": args.intermediate_size,
+        "vocab": args.vocab_size,
+        "rope theta": args.rope_theta,
+        "rope scaling": args.rope_scaling,
+        "tied embeddings": args.tie_word_embeddings,
     }
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from llama3_hyperpod.errors import ConfigError, report_bad_input
+from llama3_hyperpod.errors import ConfigError, run_main
 from llama3_hyperpod.hf import safetensors_io as st
 from llama3_hyperpod.hf import tensors as hf_tensors
 from llama3_hyperpod.hf.folder import read_folder
@@ -196,7 +196,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    try:
+
+    def run() -> None:
         hf_config = json.loads(args.config.read_text(encoding="utf-8"))
         if args.step == "consolidate":
             size = consolidate(args.hf_dir, hf_config, args.out)
@@ -206,12 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(str(args.out), "already exists")
             files = to_hf(args.full_state, hf_config, args.out, args.max_shard_bytes)
             print(f"to-hf: {args.out} ({len(files)} files)", file=sys.stderr)
-    except ConfigError as exc:
-        return report_bad_input(exc.key, exc.message)
-    except OSError as exc:
-        print(f"error: {exc.filename or args.step}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    def say(exc: Exception) -> str:
+        assert isinstance(exc, OSError)
+        return f"{exc.filename or args.step}: {exc.strerror or exc}"
+
+    return run_main(run, OSError, say)
 
 
 if __name__ == "__main__":

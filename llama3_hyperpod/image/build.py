@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama3_hyperpod.errors import EXIT_BAD_INPUT
+from llama3_hyperpod.errors import ConfigError, run_main
 from llama3_hyperpod.fsutil import sha256_file
 from llama3_hyperpod.image.versions import BASE_IMAGE_ARG, FLAVORS, REPO_ROOT, build_args_for, load_versions
 
@@ -43,8 +43,14 @@ _ECR = re.compile(r"^(?P<registry>\d{12}\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amaz
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9](:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
 
 
-class UsageError(Exception):
-    """Bad input: exit 2."""
+class UsageError(ConfigError):
+    """Bad input: exit 2. One text, "--option: what is wrong", split into ConfigError's key and message."""
+
+    def __init__(self, text: str) -> None:
+        key, sep, message = text.partition(": ")
+        if not sep:
+            key, message = "image build", text
+        super().__init__(key, message)
 
 
 class BuildError(Exception):
@@ -467,7 +473,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print) -> int:
-    try:
+    def run() -> None:
         req = make_request(parser().parse_args(list(argv) if argv is not None else None))
         if req.flavor == "neuron" and "@sha256:" not in req.build_args.get("NEURON_BASE_IMAGE", "@sha256:"):
             emit(f"note: {req.build_args['NEURON_BASE_IMAGE']} is pinned by tag only (no digest in "
@@ -479,13 +485,8 @@ def main(argv: Iterable[str] | None = None, emit: Callable[[str], None] = print)
             push(client, req.tag, emit)
         if req.sqsh is not None:
             enroot_import(engine, req.tag, req.sqsh, emit)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_main(run, BuildError)
 
 
 if __name__ == "__main__":

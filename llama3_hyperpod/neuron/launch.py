@@ -83,21 +83,10 @@ def build(
     examples: str,
     warnings: list[str],
 ) -> NeuronLaunch:
+    """NxDT's compile and train launches for this node, their env and what the orchestrator adds, the resume."""
     lay, present = rc.layout, rc.present
     bin_dir = sdk_bin(env)
-    rendezvous = [
-        "--nproc_per_node", str(lay.devices_per_node), "--nnodes", str(cluster.num_nodes),
-        "--node_rank", str(cluster.node_rank), "--master_addr", cluster.master_addr,
-        "--master_port", str(cluster.master_port),
-    ]
-    head = [str(bin_dir / "torchrun"), *rendezvous, f"{examples}/training_orchestrator.py",
-            f"--config-path={rc.path.parent}", f"--config-name={rc.path.stem}"]
-    common = [*rc.nxdt_overrides, *rc.yaml_path_fixes,
-              assignment("trainer.devices", lay.devices_per_node, present),
-              assignment("trainer.num_nodes", cluster.num_nodes, present)]
-    if cache_dir != rc.raw.compiler_cache_url:
-        common.append(assignment("compiler_cache_url", cache_dir, present))
-
+    head, common = _orchestrator_args(rc, cluster, bin_dir, cache_dir, examples)
     ckpt_dir = checkpoint_dir(rc, run_dir)
     resume = checkpoints.choose(ckpt_dir)
     train_extra = [assignment("exp_manager.explicit_log_dir", run_dir, present)] if derived_log_dir else []
@@ -120,19 +109,45 @@ def build(
         f"hydra.run.dir={hydra_value(f'{compile_dir}/hydra-node{rank}')}",
     ]
 
-    wanted = launch_env(under_slurm=cluster.source == "slurm", num_nodes=cluster.num_nodes, job_id=cluster.job_id)
-    commands, nxdt_env = {}, {}
-    nxdt_cfg = OmegaConf.merge(rc.raw, {"compiler_cache_url": cache_dir})
-    assert isinstance(nxdt_cfg, DictConfig)
-    for mode, argv, cwd, compile_flag in (("compile", compile_argv, compile_dir, "1"),
-                                          ("train", train_argv, run_dir, "0")):
-        added, kept, replaced = split_env(wanted, env, forced={"COMPILE": compile_flag})
-        commands[mode] = Launch(argv, added, kept, cwd, replaced)
-        nxdt_env[mode] = orchestrator_env(nxdt_cfg, {**env, **added})
+    commands, nxdt_env = _launches(rc, cluster, env, cache_dir, {"compile": (compile_argv, compile_dir, "1"),
+                                                               "train": (train_argv, run_dir, "0")})
     _env_warnings(env, cache_dir, warnings)
     flags = nxdt_env["train"].get("NEURON_CC_FLAGS", env.get("NEURON_CC_FLAGS"))
     return NeuronLaunch(commands, nxdt_env, flags, str(ckpt_dir), resume, pin,
                         str(imported.checkpoint) if imported is not None and import_args else None)
+
+
+def _orchestrator_args(rc: RunConfig, cluster: Cluster, bin_dir: Path, cache_dir: str,
+                       examples: str) -> tuple[list[str], list[str]]:
+    """torchrun + training_orchestrator.py with this node's rendezvous, and the overrides both modes share."""
+    lay, present = rc.layout, rc.present
+    rendezvous = [
+        "--nproc_per_node", str(lay.devices_per_node), "--nnodes", str(cluster.num_nodes),
+        "--node_rank", str(cluster.node_rank), "--master_addr", cluster.master_addr,
+        "--master_port", str(cluster.master_port),
+    ]
+    head = [str(bin_dir / "torchrun"), *rendezvous, f"{examples}/training_orchestrator.py",
+            f"--config-path={rc.path.parent}", f"--config-name={rc.path.stem}"]
+    common = [*rc.nxdt_overrides, *rc.yaml_path_fixes,
+              assignment("trainer.devices", lay.devices_per_node, present),
+              assignment("trainer.num_nodes", cluster.num_nodes, present)]
+    if cache_dir != rc.raw.compiler_cache_url:
+        common.append(assignment("compiler_cache_url", cache_dir, present))
+    return head, common
+
+
+def _launches(rc: RunConfig, cluster: Cluster, env: Mapping[str, str], cache_dir: str,
+              modes: Mapping[str, tuple[list[str], str, str]]) -> tuple[dict[str, Launch], dict[str, dict[str, str]]]:
+    """Per mode (argv, cwd, COMPILE flag): the Launch with our env, and the env NxDT's orchestrator then sets."""
+    wanted = launch_env(under_slurm=cluster.source == "slurm", num_nodes=cluster.num_nodes, job_id=cluster.job_id)
+    commands, nxdt_env = {}, {}
+    nxdt_cfg = OmegaConf.merge(rc.raw, {"compiler_cache_url": cache_dir})
+    assert isinstance(nxdt_cfg, DictConfig)
+    for mode, (argv, cwd, compile_flag) in modes.items():
+        added, kept, replaced = split_env(wanted, env, forced={"COMPILE": compile_flag})
+        commands[mode] = Launch(argv, added, kept, cwd, replaced)
+        nxdt_env[mode] = orchestrator_env(nxdt_cfg, {**env, **added})
+    return commands, nxdt_env
 
 
 def _resume_pin(rc: RunConfig, resume: checkpoints.ResumeChoice, warnings: list[str]) -> str | None:

@@ -78,7 +78,8 @@ class NeuronSmokePlan:
 def build_smoke_plan(config: Path, steps: int, output_dir: Path, overrides: Sequence[str],
                      env: Mapping[str, str] | None = None, python: str = sys.executable,
                      run_name: str | None = None) -> NeuronSmokePlan:
-    """The smoke's steps and criteria for `config` (tiny_neuron.yaml by default). Pure but for reading files."""
+    """The smoke's steps and criteria for `config` (tiny_neuron.yaml by default). Reads files, the clock (the
+    default run name) and this machine's devices; writes nothing."""
     from llama3_hyperpod.cluster import detect_accelerator
     from llama3_hyperpod.config import load_config
     from llama3_hyperpod.data.default import default_name
@@ -107,7 +108,7 @@ def build_smoke_plan(config: Path, steps: int, output_dir: Path, overrides: Sequ
         dataset=dataset,
         cache_dir=plan.compile_cache_dir,
         layout=(f"{plan.model['parameters'] / 1e6:.1f}M parameters, TP {lay.tp} x PP {lay.pp} x DP {lay.dp} on "
-                f"{lay.ranks_per_node} NeuronCores of a {plan.instance}, {steps} steps, seq {plan.model['seq_len']}, "
+                f"{lay.devices_per_node} NeuronCores of a {plan.instance}, {steps} steps, seq {plan.model['seq_len']}, "
                 f"{plan.memory.precision}"),
         steps=[
             SmokeStep("preflight", [*cli, "preflight", *common, "--mode", "compile"],

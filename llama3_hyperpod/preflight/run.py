@@ -55,7 +55,7 @@ def _arg_value(argv: list[str], flag: str) -> str | None:
 def neuron_checks(plan: Plan, mode: str, env: Mapping[str, str], roots: Roots) -> list[Check]:
     from llama3_hyperpod.sdkinfo import load_pins, pins_file
 
-    needed = plan.layout.ranks_per_node
+    needed = plan.layout.devices_per_node
     visible: set[int] | None = None
     bad_visible: Check | None = None
     raw_visible = env.get("NEURON_RT_VISIBLE_CORES")
@@ -109,7 +109,7 @@ def neuron_checks(plan: Plan, mode: str, env: Mapping[str, str], roots: Roots) -
 
 
 def torch_checks(plan: Plan, mode: str, roots: Roots) -> list[Check]:
-    ranks = plan.layout.ranks_per_node
+    ranks = plan.layout.devices_per_node
     if plan.device == "cuda":
         try:
             smi = run_tool(["nvidia-smi", "--query-gpu=index,memory.total,memory.used",

@@ -124,13 +124,13 @@ def report(run_dir: Path, output: Path | None) -> None:
     target = output or run_dir / "report.png"
     try:
         with user_errors():
-            out = render_report(run_dir, target)
+            out = plot_metrics(run_dir, target)
     except OSError as exc:
         fail("--output", f"cannot write {target} ({exc.strerror or exc}): set --output to a writable file")
     click.echo(str(out))
 
 
-def render_report(run_dir: Path, output: Path) -> Path:
+def plot_metrics(run_dir: Path, output: Path) -> Path:
     from llama3_hyperpod.writable import quiet_matplotlib
 
     quiet_matplotlib()

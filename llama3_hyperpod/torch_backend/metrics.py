@@ -155,7 +155,6 @@ class MetricsWriter:
         """resume_step: the run continues after this step, so later records (steps redone after the checkpoint)
         are dropped and metrics.jsonl / TensorBoard hold every step exactly once."""
         self.enabled = enabled
-        self.history: list[StepMetrics] = []
         self._jsonl: Any = None
         self._tb: Any = None
         if enabled:
@@ -172,7 +171,6 @@ class MetricsWriter:
                 self._tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD), purge_step=purge)
 
     def log(self, m: StepMetrics, max_steps: int, *, echo: bool = True) -> None:
-        self.history.append(m)
         if not self.enabled:
             return
         self._jsonl.write(json.dumps(asdict(m)) + "\n")

@@ -1,14 +1,14 @@
-"""Llama 3 in one readable module (nanoGPT style), built from a Hugging Face config.json dict.
+"""Llama 3 in one readable module (nanoGPT style), built from a Hugging Face config.json (hf/llama_config.py).
 
 Parameter names are short and our own; `to_hf_state_dict` / `from_hf_state_dict` map them 1:1 to
 transformers' LlamaForCausalLM (same rotate-half RoPE convention, so no q/k permutation is needed).
+Over 400 lines: the whole model (its fused autograd nodes included) reads in one sitting, as nanoGPT's does.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,50 +17,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.utils.checkpoint import checkpoint
 
+from llama3_hyperpod.hf.llama_config import LlamaArgs
 from llama3_hyperpod.torch_backend.data import IGNORE_INDEX
 
-
-@dataclass(frozen=True)
-class LlamaArgs:
-    """The architecture fields the model needs, read from an HF config dict."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    max_position_embeddings: int
-    rope_theta: float
-    rms_norm_eps: float
-    rope_scaling: dict[str, Any] | None
-    tie_word_embeddings: bool = False
-    head_dim_override: int | None = None
-
-    @property
-    def head_dim(self) -> int:
-        return self.head_dim_override or self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> LlamaArgs:
-        """Accept both the classic (rope_theta + rope_scaling) and transformers 5 (rope_parameters) spellings."""
-        rope = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        return cls(
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
-            num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            vocab_size=int(hf["vocab_size"]),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
-            rope_theta=float(theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),  # transformers LlamaConfig default
-            rope_scaling=dict(scaling) if scaling else None,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            head_dim_override=hf.get("head_dim"),
-        )
+__all__ = ["Llama", "LlamaArgs", "apply_rope", "from_hf_state_dict", "num_params", "rope_cos_sin", "rope_inv_freq",
+           "to_hf_state_dict"]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -237,10 +198,10 @@ class Attention(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.hidden_size, args.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.hidden_size, args.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.hidden_size, args.num_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.num_heads * self.head_dim, args.hidden_size, bias=False)
+        self.wq = nn.Linear(args.hidden_size, args.num_attention_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.hidden_size, args.num_key_value_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.hidden_size, args.num_key_value_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.num_attention_heads * self.head_dim, args.hidden_size, bias=False)
         self.core = CoreAttention()
         self.recompute_core = False
 

@@ -29,7 +29,11 @@ from torch.distributed.tensor.parallel import (
 )
 
 from llama3_hyperpod.config import ConfigError, Layout
+from llama3_hyperpod.torch_backend.layout import check_layout
 from llama3_hyperpod.torch_backend.model import Llama
+
+__all__ = ["Dist", "check_layout", "clip_grad_norm", "init_distributed", "loss_context", "parallelize", "reduce_mean",
+           "set_grad_sync"]
 
 # The grad-norm reduction of 2-D (dp x tp) sharded grads does two small all-reduces; torch warns about that on
 # every step, which would drown the console. It is one scalar per parameter, so the cost is negligible.
@@ -51,26 +55,6 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def check_layout(layout: Layout, num_kv_heads: int) -> None:
-    """What this backend cannot do, as ConfigErrors naming the key (the config loader checks the rest)."""
-    if layout.pp > 1:
-        raise ConfigError(
-            "distributed_strategy.pipeline_model_parallel_size",
-            f"is {layout.pp}, but the torch backend has no pipeline parallelism: set it to 1 "
-            "(use tensor_model_parallel_size and more data parallel instead)",
-        )
-    if layout.cp > 1:
-        raise ConfigError(
-            "distributed_strategy.context_parallel_size", f"is {layout.cp}, but the torch backend supports only 1"
-        )
-    if num_kv_heads % layout.tp:
-        raise ConfigError(
-            "distributed_strategy.tensor_model_parallel_size",
-            f"{num_kv_heads} KV heads do not split over TP {layout.tp}; the torch backend does not replicate "
-            "KV heads (kv_replicator): use a TP that divides the KV heads",
-        )
 
 
 def init_distributed(layout: Layout, device: str) -> Dist:

@@ -77,7 +77,7 @@ def test_every_nxdt_config_plans_with_its_own_layout(nxdt_conf: Path, tokenizer_
     ds, lay = raw["distributed_strategy"], plan.layout
     assert (lay.tp, lay.pp, lay.cp) == (ds["tensor_model_parallel_size"], ds["pipeline_model_parallel_size"],
                                         ds.get("context_parallel_size", 1))
-    assert lay.ranks_per_node == raw["trainer"]["devices"] and lay.num_nodes == nodes
+    assert lay.devices_per_node == raw["trainer"]["devices"] and lay.num_nodes == nodes
     assert lay.dp == nodes * raw["trainer"]["devices"] // (lay.tp * lay.pp * lay.cp)
     expected_instance = "trn2.48xlarge" if raw["trainer"].get("lnc") == 2 else "trn1.32xlarge"
     assert plan.instance == expected_instance

@@ -19,7 +19,7 @@ GIB = 2**30
 def test_8b_layout_and_fit() -> None:
     plan = build_plan(CONFIG_8B, (), detect_accelerator("neuron"), {})
     lay, mem = plan.layout, plan.memory
-    assert (lay.tp, lay.pp, lay.dp, lay.world_size, lay.ranks_per_node) == (8, 1, 4, 32, 32)
+    assert (lay.tp, lay.pp, lay.dp, lay.world_size, lay.devices_per_node) == (8, 1, 4, 32, 32)
     assert (lay.heads_per_device, lay.kv_heads_per_device) == (4, 1)
     assert mem.device_memory == 16 * GIB and mem.fits
     assert mem.total < 16 * GIB < mem.total_without_zero1  # ZeRO-1 is what makes it fit

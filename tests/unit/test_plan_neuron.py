@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama3_hyperpod.cluster import detect_accelerator
+from llama3_hyperpod.errors import ConfigError
 from llama3_hyperpod.plan import Plan, build_plan
 from tests.conftest import CONFIG_8B, run_cli
 
@@ -236,3 +237,15 @@ def test_a_key_the_orchestrator_needs_is_refused_when_missing() -> None:
     result = run_cli("plan", str(CONFIG_8B), "--backend", "neuron", "~neuron_rt_exec_timeout")
     assert result.returncode == 2
     assert result.stderr.startswith("error: neuron_rt_exec_timeout: is missing: NxDT's training_orchestrator.py")
+
+
+def test_a_head_dim_nxdt_ignores_is_refused(tmp_path: Path) -> None:
+    """NxDT builds hidden_size // heads whatever config.json's head_dim says; the torch backend honours it."""
+    model = json.loads((CONFIG_8B.parent / "models" / "llama3_8b.json").read_text())
+    (tmp_path / "odd.json").write_text(json.dumps({**model, "head_dim": 64}))
+    overrides = (f"model.model_config={tmp_path / 'odd.json'}",)
+    with pytest.raises(ConfigError) as err:
+        build_plan(CONFIG_8B, overrides, detect_accelerator("neuron"), dict(SDK), output_dir=tmp_path)
+    assert err.value.key == "model.model_config" and "NxDT ignores head_dim" in err.value.message
+    torch_plan = build_plan(CONFIG_8B, overrides, detect_accelerator("torch-cuda"), {}, output_dir=tmp_path)
+    assert torch_plan.model["head_dim"] == 64

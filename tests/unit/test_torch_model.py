@@ -114,16 +114,15 @@ def test_loss_and_gradients_match_transformers(compiled: bool) -> None:
 
 
 def test_hf_config_defaults_follow_transformers() -> None:
-    """A config.json that leaves rms_norm_eps or head_dim out means transformers' defaults, in both of our readers."""
+    """A config.json that leaves rms_norm_eps or head_dim out means transformers' defaults (the one parser)."""
     from transformers import LlamaConfig
 
-    from llama3_hyperpod.config import _shape_from_hf
     from llama3_hyperpod.torch_backend.model import LlamaArgs
 
     hf: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
                           "max_position_embeddings": 128}
     reference = LlamaConfig(**hf)
-    args, shape = LlamaArgs.from_hf(hf), _shape_from_hf(hf, "model.model_config", "config.json")
+    args, shape = LlamaArgs.from_hf(hf), LlamaArgs.from_hf(hf, "model.model_config", "config.json")
     assert args.rms_norm_eps == shape.rms_norm_eps == reference.rms_norm_eps
     assert args.head_dim == shape.head_dim == reference.head_dim
