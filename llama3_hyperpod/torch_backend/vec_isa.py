@@ -125,7 +125,7 @@ def remember_probes() -> ProbeRecord | None:
     if (rec := installed()) is not None:
         return rec
     rec = ProbeRecord(machine_key())
-    cpu_vec_isa.VecISA._probe_load = rec.wrap(probe)  # type: ignore[method-assign]
+    cpu_vec_isa.VecISA._probe_load = rec.wrap(probe)  # type: ignore[method-assign,assignment]
     return rec
 
 
