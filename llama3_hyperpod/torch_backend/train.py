@@ -55,7 +55,7 @@ from llama3_hyperpod.config import ConfigError, RunConfig, load_config
 from llama3_hyperpod.errors import requeue_marker
 from llama3_hyperpod.fsutil import write_text
 from llama3_hyperpod.memory import estimate_memory
-from llama3_hyperpod.torch_backend import parallel
+from llama3_hyperpod.torch_backend import parallel, vec_isa
 from llama3_hyperpod.torch_backend.checkpoint import Checkpointer, CheckpointError, stderr_log
 from llama3_hyperpod.torch_backend.data import Batches, load_train_dataset
 from llama3_hyperpod.torch_backend.metrics import (
@@ -145,8 +145,10 @@ def _compile_cache_counters() -> str:
     from torch._dynamo.utils import counters
 
     inductor, aot = counters["inductor"], counters["aot_autograd"]
+    probes = vec_isa.installed()
     return (f"compile cache: fx graph hit {inductor['fxgraph_cache_hit']} miss {inductor['fxgraph_cache_miss']}, "
-            f"aot autograd hit {aot['autograd_cache_hit']} miss {aot['autograd_cache_miss']}")
+            f"aot autograd hit {aot['autograd_cache_hit']} miss {aot['autograd_cache_miss']}"
+            + (f", vec-isa probes run {probes.probed} remembered {probes.remembered}" if probes else ""))
 
 
 def _checkpointer(rc: RunConfig, run_dir: Path, d: parallel.Dist, echo: bool) -> Checkpointer | None:
@@ -224,6 +226,8 @@ def _build(rc: RunConfig, device: str) -> _Built:
         hidden_size=rc.model.hidden_size,
         seq_len=rc.seq_len,
     )
+    if cfg.torch_backend.compile and device == "cpu":
+        vec_isa.remember_probes()  # before a compiled kernel loads: a warm start skips Inductor's ISA probes
     parallel.parallelize(model, d.mesh, layout, compile=cfg.torch_backend.compile)
 
     optimizer = _optimizer(model, rc)

@@ -47,7 +47,8 @@ def test_report_refuses_a_folder_without_metrics(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_smoke_plans_like_train_and_honours_the_run_time_cache_dir(tmp_path: Path) -> None:
     """`smoke` goes through build_plan: L3HP_CACHE_DIR (node-local disk) replaces the config's compiler_cache_url,
-    so its compiled graphs land there and the next smoke reads them back from there (every graph a cache hit)."""
+    so its compiled graphs land there and the next smoke reads them back from there (every graph a cache hit, and
+    no vector-ISA probe run again)."""
     configured, runtime, out = tmp_path / "configured", tmp_path / "runtime", tmp_path / "runs"
     write_byte_text_dataset(tmp_path / "data", seq_len=64, max_bytes=64 * 8 * 10)  # no BPE to train: faster
     args = ["smoke", "--steps", "10", "--device", "cpu", "--output-dir", str(out), "model.encoder_seq_length=64",
@@ -65,6 +66,8 @@ def test_smoke_plans_like_train_and_honours_the_run_time_cache_dir(tmp_path: Pat
     assert list((runtime / "inductor").rglob("*")), "nothing compiled into L3HP_CACHE_DIR"
     assert not configured.exists(), "the config's compiler_cache_url was written although L3HP_CACHE_DIR is set"
     assert f"cache {runtime / 'inductor'}" in cold.stdout
+    cold_probes = re.search(r"vec-isa probes run (\d+) remembered (\d+)", cold.stdout)
+    assert cold_probes and int(cold_probes.group(1)) > 0 and cold_probes.group(2) == "0", cold.stdout
 
     # inside a 2-node allocation (srun smoke on node 1): smoke is still one process on this node
     warm = run_smoke({"SLURM_JOB_NODELIST": "l3hp-absent[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
@@ -73,4 +76,9 @@ def test_smoke_plans_like_train_and_honours_the_run_time_cache_dir(tmp_path: Pat
     counters = re.search(r"fx graph hit (\d+) miss (\d+)", warm.stdout)
     assert counters, warm.stdout + warm.stderr
     assert int(counters.group(1)) > 0 and int(counters.group(2)) == 0, counters.group(0)
+    # Inductor's vector-ISA probes (an interpreter each) answered from the record the cold run left (vec_isa.py);
+    # only one that failed (not recorded) would run again
+    probes = re.search(r"vec-isa probes run (\d+) remembered (\d+)", warm.stdout)
+    assert probes and int(probes.group(2)) > 0, warm.stdout
+    assert int(probes.group(1)) + int(probes.group(2)) == int(cold_probes.group(1)), (cold_probes[0], probes[0])
     assert not configured.exists()
