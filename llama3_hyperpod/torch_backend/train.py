@@ -249,7 +249,7 @@ def _build(rc: RunConfig, device: str) -> _Built:
 def _resume(rc: RunConfig, b: _Built, ckpt: Checkpointer | None) -> int:
     """Load the newest complete checkpoint when the config asks for it; returns the step the run starts after."""
     em = rc.cfg.exp_manager
-    if ckpt is None or not (em.resume_if_exists or em.resume_from_checkpoint):
+    if ckpt is None or not CheckpointPolicy.from_config(rc).resumes:
         return 0
     restored = ckpt.resume(b.model, b.optimizer, b.scheduler, explicit=em.resume_from_checkpoint)
     if restored is not None:

@@ -27,6 +27,7 @@ import torch
 
 from llama3_hyperpod.config import load_config
 from llama3_hyperpod.errors import EXIT_REQUEUE, REQUEUE_MARKER
+from llama3_hyperpod.launch import catches
 from llama3_hyperpod.runlock import LOCK_NAME, read_holder
 from llama3_hyperpod.torch_backend import train as train_module
 from llama3_hyperpod.torch_backend.checkpoint_commands import load_model_state
@@ -187,6 +188,15 @@ def test_sigkill_then_restart_continues_bit_for_bit(run_a: Path, dataset: Path) 
     assert_same_run(run, run_a)  # the first run's metrics and checkpoints are intact
 
 
+def wait_until_it_catches(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+    """Until entrypoint.py has its early-signal handler: a signal before that kills it as it would any program
+    (a fixed sleep raced the interpreter's start on a busy machine)."""
+    deadline = time.monotonic() + 60
+    while not catches(proc.pid, sig):
+        assert proc.poll() is None and time.monotonic() < deadline, "the launcher never installed its handler"
+        time.sleep(0.01)
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
@@ -211,7 +221,7 @@ def test_every_stop_checkpoints_with_its_exit_code_and_resumes(run_a: Path, data
     for sig, at, code in STOPS:
         proc = start_cli(out, "C", dataset)
         if at is None:
-            time.sleep(0.3)  # the launcher is still planning; no torchrun yet
+            wait_until_it_catches(proc, signal.SIGUSR1)  # the launcher is still planning; no torchrun yet
             seen = steps_logged(run)
         else:
             wait_for_step(run, at, proc)
@@ -266,7 +276,7 @@ def test_one_process_without_torchrun_stops_requeues_and_resumes_bit_for_bit(dat
     for sig, at, code in DIRECT_STOPS:
         proc = start_cli(tmp_path, "D", dataset, devices=1)
         if at is None:
-            time.sleep(0.3)
+            wait_until_it_catches(proc, signal.SIGUSR1)
         else:
             wait_for_step(run, at, proc)
             assert read_holder(run / LOCK_NAME).get("pid") == proc.pid  # the launcher holds the run dir
