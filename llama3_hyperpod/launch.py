@@ -13,6 +13,9 @@ while the workers are still starting (importing torch, or not yet spawned) waits
 on the inherited SIG_IGN. TERM/INT/HUP go to a worker that has no handler yet after a short grace period (they then
 end it, as the sender asked); with no worker started yet they go to torchrun, which then stops starting them.
 
+The signal handler only notes a signal; the launcher's wait loop delivers it (within POLL_S), so a handler that
+interrupts the delivery, or another signal that interrupts the handler, cannot break it.
+
 The launched process runs under a single-threaded guard (guard.py), so it gets one SIGTERM when the launcher dies
 (PR_SET_PDEATHSIG, procs.py); it inherits the run dir's lock (runlock.py).
 """
@@ -79,14 +82,22 @@ class Forwarder:
         self.direct = direct  # the launched process is the worker itself (no torchrun in between)
         self.guard_pid: int | None = None
         self.received: list[int] = []
+        self._inbox: list[tuple[int, float]] = []  # (signum, received at), filled by the signal handler
         self._launched: psutil.Process | None = None
         self._pending: dict[int, tuple[float, set[int]]] = {}  # signum -> (received at, pids delivered to)
 
     def receive(self, signum: int) -> None:
-        self.received.append(signum)
-        if signum not in self._pending:
-            self._pending[signum] = (time.monotonic(), set())
-        self.deliver()
+        """Note a signal; the launcher's loop delivers it (deliver). Safe in a signal handler: it only appends, so
+        a handler that interrupts deliver(), or a second signal that interrupts this one, breaks nothing (doing
+        the delivery in the handler did: a USR1 arriving during its lazy import of the ascii codec crashed it)."""
+        self._inbox.append((signum, time.monotonic()))
+
+    def take_received(self) -> None:
+        """Move what the handler noted into `received` and the pending deliveries."""
+        while self._inbox:
+            signum, at = self._inbox.pop(0)
+            self.received.append(signum)
+            self._pending.setdefault(signum, (at, set()))
 
     def attach(self, guard_pid: int) -> None:
         self.guard_pid = guard_pid
@@ -100,7 +111,9 @@ class Forwarder:
         return self._launched
 
     def deliver(self) -> None:
-        """Send each pending signal to the workers that have not had it yet and can take it now."""
+        """Send each pending signal to the workers that have not had it yet and can take it now. Never called from
+        a signal handler."""
+        self.take_received()
         launched = self.launched() if self._pending else None
         if launched is None:
             return
@@ -188,6 +201,7 @@ def run(
                 forwarder.deliver()
     finally:
         _restore(previous)
+        forwarder.take_received()
     if requeue_marker is not None and requeue_marker.exists():
         requeue_marker.unlink(missing_ok=True)
         print(f"launch: the trainer checkpointed and asks for a requeue (exit {EXIT_REQUEUE})", file=sys.stderr)

@@ -180,6 +180,46 @@ def test_an_early_usr1_waits_for_the_workers_handler(tmp_path: Path) -> None:
     assert mark.read_text() == "late handler got it"
 
 
+# A torchrun-like parent whose worker counts USR1/USR2 until the stop file appears.
+COUNTING = textwrap.dedent("""
+    import subprocess, sys
+    ready, stop = sys.argv[1], sys.argv[2]
+    worker = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys, time\\n"
+        "got = []\\n"
+        "signal.signal(signal.SIGUSR1, lambda n, _f: got.append(n))\\n"
+        "signal.signal(signal.SIGUSR2, lambda n, _f: got.append(n))\\n"
+        "open(sys.argv[1], 'w').close()\\n"
+        "while not os.path.exists(sys.argv[2]):\\n"
+        "    if got:\\n"
+        "        open(sys.argv[1] + '.got', 'w').close()\\n"
+        "    time.sleep(0.05)\\n"
+        "sys.exit(0)\\n"), ready, stop])
+    sys.exit(worker.wait())
+""")
+
+
+def test_a_storm_of_signals_leaves_the_launcher_standing(tmp_path: Path) -> None:
+    """Hundreds of USR1/USR2 in a burst (srun, podman's sig-proxy and scancel may each pass one on): the launcher's
+    handler interrupts itself and its own delivery loop, yet it forwards and exits with the worker's code (before:
+    the delivery ran inside the handler and a nested one crashed it, e.g. `LookupError: unknown encoding: ascii`
+    from a half-done codec import, and the job step exited 1 instead of checkpointing)."""
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    parent = _driver(tmp_path, [sys.executable, str(script), str(ready), str(stop)])
+    wait_for(ready)
+    for i in range(1000):  # spread out, so that some land while the handler (or the loop) is mid-delivery
+        parent.send_signal(signal.SIGUSR1 if i % 2 else signal.SIGUSR2)
+        time.sleep(0.0005)
+    wait_for(Path(f"{ready}.got"))
+    stop.touch()
+    assert parent.wait(timeout=30) == 0
+    assert parent.stderr is not None
+    err = parent.stderr.read()
+    assert "Traceback" not in err, err
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_int_and_hup_end_the_launch_with_128_plus_n(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     """The worker stops cleanly (as the trainer does after its checkpoint), torchrun would say 0 or 1: the launch
