@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llama3_hyperpod.checkpoint_policy import CheckpointPolicy
 from llama3_hyperpod.config import RunConfig
 
 GIB = 2**30
@@ -59,6 +60,7 @@ class MemoryEstimate:
     transient: int = 0
     allocator: int = 0
     peak_phase: str = ""
+    staging: int = 0  # async checkpointing: the host copy of this rank's state it keeps for the next save
 
 
 def bytes_per_param(backend: str, device: str, precision: str) -> BytesPerParam:
@@ -215,7 +217,9 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
       under TP the vocab-sharded logits go through loss parallel instead: logits, log-softmax and their gradient,
       (tokens, vocab / TP) fp32 each; plus the working set of the first block's backward;
     - the optimizer step: parameters + optimizer + all gradients;
-    - plus the process itself (TORCH_CPU_BASELINE on CPU) and the allocator's slack (CPU_HEAP_OVERHEAD).
+    - plus the process itself (TORCH_CPU_BASELINE on CPU) and the allocator's slack (CPU_HEAP_OVERHEAD);
+    - with async checkpointing, the host copy of this rank's weights and optimizer states that the save stages into
+      and keeps for the next one (checkpoint_save.py): in the total on CPU; on CUDA it is host memory, shown apart.
     """
     m, lay = rc.model, rc.layout
     n = params_per_device(rc)
@@ -235,7 +239,9 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
     baseline = TORCH_CPU_BASELINE if device == "cpu" else 0
     allocator = int(CPU_HEAP_OVERHEAD * (saved + loss + transient)) if device == "cpu" else 0
     peak, phase = (at_backward, "start of backward") if at_backward >= at_step else (at_step, "optimizer step")
-    total = baseline + allocator + peak
+    policy = CheckpointPolicy.from_config(rc)
+    staging = n // dp * 4 + optimizer if policy.enabled and policy.async_save else 0
+    total = baseline + allocator + peak + (staging if device == "cpu" else 0)
     return MemoryEstimate(
         params_per_device=n,
         weights=weights,
@@ -254,6 +260,7 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
         transient=transient,
         allocator=allocator,
         peak_phase=phase,
+        staging=staging,
     )
 
 

@@ -83,6 +83,8 @@ def _memory_table(plan: Plan) -> Table:
         m.add_row("backward working set", gib(mem.transient))
         m.add_row("process (imports, runtime)", gib(mem.baseline))
         m.add_row("allocator slack", gib(mem.allocator))
+        if mem.staging:
+            m.add_row("async checkpoint copy (host)", gib(mem.staging))
     verdict = "" if mem.fits is None else (" [green]fits[/green]" if mem.fits else " [red]does NOT fit[/red]")
     peak = f" (peak: {mem.peak_phase})" if mem.peak_phase else ""
     m.add_row(f"[bold]total[/bold]{peak}", f"[bold]{gib(mem.total)}[/bold] of {gib(mem.device_memory)}{verdict}")

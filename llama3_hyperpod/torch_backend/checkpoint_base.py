@@ -137,6 +137,7 @@ class CheckpointerBase:
         self._bad: dict[Path, str] = {}  # found corrupt or unloadable (and said so): never counted or deleted
         self._pending: tuple[int, Future[Any]] | None = None  # an async save: (step, future of this rank's digests)
         self._hasher: ThreadPoolExecutor | None = None
+        self._stager: Any = None  # the async save's DefaultStager, which keeps its host copy for the next save
         self._pg: Any = None
         if async_save and world_size > 1:
             # The background save runs collectives; on its own gloo group they cannot interleave with training's.

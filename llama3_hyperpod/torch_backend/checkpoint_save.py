@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from llama3_hyperpod.fsutil import create_durably, fsync_path
 from llama3_hyperpod.torch_backend.checkpoint_base import CheckpointError, SaveErrors, app_state, rng_state, root_cause
@@ -76,8 +77,12 @@ class SavePath(Retention):
             buf = _torch_bytes(rng_state())
             create_durably(tmp / "rng" / f"rank_{self.rank:05d}.pt", buf)
             if self.async_save:
+                if self._stager is None:  # kept: the next save copies into the same host buffers (no page faults)
+                    self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                                                use_async_staging=False, use_non_blocking_copy=False))
                 written = _as_future(dcp.async_save(
-                    state, storage_writer=_writer(tmp), process_group=self._pg, no_dist=self.world_size == 1))
+                    state, storage_writer=_writer(tmp), process_group=self._pg,
+                    async_stager=self._stager, no_dist=self.world_size == 1))
                 if self._hasher is None:
                     self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-digests")
                 self._pending = (step, self._hasher.submit(self._hash_when_written, written, tmp))

@@ -10,6 +10,7 @@ contiguous slice [m*mbs*dp + r*mbs, +mbs) of those rows, as in Megatron/NxDT's p
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,39 +23,88 @@ from llama3_hyperpod.errors import ConfigError
 IGNORE_INDEX = -100
 
 
-def load_train_dataset(train_dir: str | None, seq_len: int) -> Any:
-    """datasets.Dataset with numpy format; ConfigError (data.train_dir) when it is missing or malformed."""
+class ArrowRows:
+    """The rows of a `save_to_disk` dataset, read with pyarrow alone: its Arrow stream files, memory-mapped.
+
+    `datasets` writes a Dataset as state.json (listing its data files) + `data-NNNNN-of-NNNNN.arrow` (Arrow IPC
+    streams), a DatasetDict as dataset_dict.json + a folder per split. Importing `datasets` to read them cost the
+    trainer's start 0.5-2.5 s (bench/warm_start.py); pyarrow is what it reads them with underneath."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.column_names: list[str] = list(table.column_names)
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def row_length(self, index: int, column: str = "input_ids") -> int:
+        return len(self.table.column(column)[index])
+
+    def take(self, rows: list[int], column: str, width: int) -> np.ndarray:
+        """The first `width` values of each of these rows of a list column, as an (len(rows), width) array."""
+        import pyarrow.compute as pc
+
+        picked = self.table.column(column).take(rows).combine_chunks()
+        lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(picked).to_numpy(zero_copy_only=False)
+        if len(set(lengths.tolist())) == 1:
+            return flat.reshape(len(rows), -1)[:, :width]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        return np.stack([flat[a : a + width] for a in starts])
+
+
+def _saved_split(train_dir: Path) -> Path:
+    """The folder of the split to train on: the dataset itself, or a DatasetDict's 'train'."""
+    if (train_dir / "state.json").is_file():
+        return train_dir
+    listing = train_dir / "dataset_dict.json"
+    if not listing.is_file():
+        raise ConfigError("data.train_dir", f"{train_dir} is not a save_to_disk dataset: it has neither state.json "
+                          "nor dataset_dict.json")
+    splits = json.loads(listing.read_text(encoding="utf-8")).get("splits", [])
+    if "train" not in splits:
+        raise ConfigError("data.train_dir", f"{train_dir} holds splits {splits} but no 'train'")
+    return _saved_split(train_dir / "train")
+
+
+def _read_saved(split: Path) -> ArrowRows:
+    import pyarrow as pa
+
+    try:
+        state = json.loads((split / "state.json").read_text(encoding="utf-8"))
+        files = [split / entry["filename"] for entry in state["_data_files"]]
+        tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise ConfigError("data.train_dir", f"{split} is not a readable save_to_disk dataset: {exc}") from None
+    if not tables:
+        raise ConfigError("data.train_dir", f"{split} lists no data files in its state.json")
+    return ArrowRows(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+
+
+def load_train_dataset(train_dir: str | None, seq_len: int) -> ArrowRows:
+    """The training rows (input_ids, optional labels); ConfigError (data.train_dir) when missing or malformed."""
     if not train_dir:
         raise ConfigError("data.train_dir", "is not set: point it at a dataset made by `data prepare`")
     if not Path(train_dir).is_dir():
         raise ConfigError("data.train_dir", f"{train_dir} is not a directory")
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(train_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError("data.train_dir", f"{train_dir} is not a save_to_disk dataset: {exc}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise ConfigError("data.train_dir", f"{train_dir} holds splits {list(ds)} but no 'train'")
-        ds = ds["train"]
+    ds = _read_saved(_saved_split(Path(train_dir)))
     if "input_ids" not in ds.column_names:
         raise ConfigError("data.train_dir", f"{train_dir} has columns {ds.column_names}, needs input_ids (+ labels)")
     if len(ds) == 0:
         raise ConfigError("data.train_dir", f"{train_dir} has no rows")
-    row_len = len(ds[0]["input_ids"])
+    row_len = ds.row_length(0)
     if row_len < seq_len:
         raise ConfigError(
             "model.encoder_seq_length", f"is {seq_len} but the rows of {train_dir} hold only {row_len} tokens"
         )
-    return ds.with_format("numpy")
+    return ds
 
 
 @dataclass
 class Batches:
     """Deterministic micro-batches for one dp rank; step/micro indexing makes resuming trivial."""
 
-    dataset: Any
+    dataset: ArrowRows
     seq_len: int
     micro_batch_size: int
     dp: int
@@ -73,9 +123,8 @@ class Batches:
         start = self.row_offset + step * self.global_batch_size
         start += (micro * self.dp + self.dp_rank) * self.micro_batch_size
         rows = [self.row(start + i) for i in range(self.micro_batch_size)]
-        batch = self.dataset[rows]
-        tokens = np.asarray(batch["input_ids"], dtype=np.int64)[:, : self.seq_len]
-        labels = np.asarray(batch["labels"] if "labels" in batch else batch["input_ids"], dtype=np.int64)
+        tokens = self.dataset.take(rows, "input_ids", self.seq_len).astype(np.int64)
+        labels = self.dataset.take(rows, "labels", self.seq_len) if "labels" in self.dataset.column_names else tokens
         targets = np.full_like(tokens, IGNORE_INDEX)
         targets[:, :-1] = labels[:, 1 : self.seq_len]
         return torch.from_numpy(tokens).to(self.device), torch.from_numpy(targets).to(self.device)

@@ -151,9 +151,9 @@ def _compile_cache_counters() -> str:
             + (f", vec-isa probes run {probes.probed} remembered {probes.remembered}" if probes else ""))
 
 
-def _checkpointer(rc: RunConfig, run_dir: Path, d: parallel.Dist, echo: bool) -> Checkpointer | None:
+def _checkpointer(rc: RunConfig, policy: CheckpointPolicy, run_dir: Path, d: parallel.Dist,
+                  echo: bool) -> Checkpointer | None:
     """None when the config turns checkpoints off (create_checkpoint_callback false or save_top_k 0)."""
-    policy = CheckpointPolicy.from_config(rc)
     if not policy.enabled:
         return None
     return Checkpointer(
@@ -246,10 +246,10 @@ def _build(rc: RunConfig, device: str) -> _Built:
     return _Built(d, model, optimizer, scheduler, batches, n_params, fpt)
 
 
-def _resume(rc: RunConfig, b: _Built, ckpt: Checkpointer | None) -> int:
+def _resume(rc: RunConfig, policy: CheckpointPolicy, b: _Built, ckpt: Checkpointer | None) -> int:
     """Load the newest complete checkpoint when the config asks for it; returns the step the run starts after."""
     em = rc.cfg.exp_manager
-    if ckpt is None or not CheckpointPolicy.from_config(rc).resumes:
+    if ckpt is None or not policy.resumes:
         return 0
     restored = ckpt.resume(b.model, b.optimizer, b.scheduler, explicit=em.resume_from_checkpoint)
     if restored is not None:
@@ -316,8 +316,9 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
     started = time.perf_counter()
     b = _build(rc, device)
     d = b.d
-    ckpt = _checkpointer(rc, run_dir, d, echo) if mode == "train" else None
-    start_step = _resume(rc, b, ckpt)
+    policy = CheckpointPolicy.from_config(rc)
+    ckpt = _checkpointer(rc, policy, run_dir, d, echo) if mode == "train" else None
+    start_step = _resume(rc, policy, b, ckpt)
     peak_total, peak_source = _peak_total(device, d, cfg.torch_backend.peak_tflops)
     max_steps = min(cfg.trainer.max_steps, COMPILE_MODE_STEPS) if mode == "compile" else cfg.trainer.max_steps
     writer = MetricsWriter(run_dir, enabled=d.is_main and mode == "train", resume_step=start_step)
@@ -334,7 +335,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
     def save_state(c: Checkpointer, done: int) -> None:
         c.save(done, b.model, b.optimizer, b.scheduler, b.batches.row_offset + done * rc.global_batch_size)
 
-    boundary = StepBoundary(ckpt, save_state, CheckpointPolicy.from_config(rc).save_every, max_steps, stop, d, device)
+    boundary = StepBoundary(ckpt, save_state, policy.save_every, max_steps, stop, d, device)
     result = TrainResult(peak_flops=peak_total, peak_source=peak_source, flops_per_token=b.fpt,
                          num_params=b.n_params, start_step=start_step, checkpoint_stall_s=boundary.stall_s)
     try:

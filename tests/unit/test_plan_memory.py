@@ -136,3 +136,19 @@ def test_torch_launch_in_an_image_uses_the_sdk_torchrun_and_the_projects_python(
     assert argv[:3] == ["/opt/sdk/bin/python", "-m", "torch.distributed.run"]
     i = argv.index("--no-python")
     assert argv[i + 1:i + 4] == ["/opt/venv/bin/python", "-m", "llama3_hyperpod.torch_backend.train"]
+
+
+def test_async_checkpointing_adds_the_kept_host_copy() -> None:
+    """The async save stages into a host copy of the rank's weights and Adam moments and keeps it for the next save:
+    counted in the CPU total, shown apart (host memory) on CUDA, absent when checkpoints are off."""
+    base = load_config(CONFIG_TINY)
+    n = params_per_device(base)
+    for device in ("cpu", "cuda"):
+        sync = estimate_memory(base, "torch", device, None)
+        asyn = estimate_memory(load_config(CONFIG_TINY, ["exp_manager.async_checkpointing=true"]), "torch", device,
+                               None)
+        assert (sync.staging, asyn.staging) == (0, n * (4 + 8))
+        assert asyn.total - sync.total == (n * 12 if device == "cpu" else 0)
+    off = load_config(CONFIG_TINY, ["exp_manager.async_checkpointing=true",
+                                    "exp_manager.create_checkpoint_callback=false"])
+    assert estimate_memory(off, "torch", "cpu", None).staging == 0

@@ -103,3 +103,40 @@ def test_flops_per_token_palm_convention_on_llama3_8b() -> None:
     fpt = flops_per_token(non_embedding_params=non_embedding, num_layers=32, hidden_size=4096, seq_len=8192)
     assert fpt == 6 * non_embedding + 12 * 32 * 4096 * 8192
     assert 57e9 < fpt < 59e9
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_the_arrow_reader_reads_what_datasets_reads(tmp_path: Path, fixed: bool) -> None:
+    """pyarrow alone (no `datasets` import at the trainer's start) gives the rows datasets.load_from_disk gives:
+    fixed-size lists (the embedded default) and ragged lists, a DatasetDict's train split, several data files."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    lengths = [12] * 30 if fixed else rng.integers(10, 16, 30).tolist()
+    rows = [rng.integers(0, 1000, n).tolist() for n in lengths]
+    feature = datasets.Sequence(datasets.Value("int32"), length=12 if fixed else -1)
+    ds = datasets.Dataset.from_dict({"input_ids": rows}, features=datasets.Features({"input_ids": feature}))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(3))}).save_to_disk(str(tmp_path / "dd"), num_shards={
+        "train": 3, "test": 1})
+    ours = load_train_dataset(str(tmp_path / "dd"), seq_len=10)
+    theirs = datasets.load_from_disk(str(tmp_path / "dd"))["train"]
+    assert len(ours) == len(theirs) == 30 and len(list((tmp_path / "dd" / "train").glob("*.arrow"))) == 3
+    pick = [29, 0, 17, 17, 5]
+    expected = np.array([theirs[i]["input_ids"][:10] for i in pick])
+    assert (ours.take(pick, "input_ids", 10) == expected).all()
+    tokens, targets = Batches(ours, 10, micro_batch_size=2, dp=1, dp_rank=0, grad_accum_steps=1).get(step=3, micro=0)
+    assert tokens.tolist() == [theirs[i]["input_ids"][:10] for i in (6, 7)]
+    assert targets[:, :-1].tolist() == [theirs[i]["input_ids"][1:10] for i in (6, 7)]
+
+
+def test_a_folder_that_is_no_saved_dataset_is_one_config_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"neither state\.json nor dataset_dict\.json") as err:
+        load_train_dataset(str(tmp_path / "empty"), 8)
+    assert err.value.key == "data.train_dir"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (broken / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
+    with pytest.raises(ConfigError, match="not a readable save_to_disk dataset"):
+        load_train_dataset(str(broken), 8)
