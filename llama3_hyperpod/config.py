@@ -335,7 +335,7 @@ def _type_name(ref_type: Any) -> str:
 
 
 def load_llama_args(cfg: DictConfig) -> LlamaArgs:
-    """The architecture: an HF config.json with the YAML's overrides (NxDT's hf source, llama_model.py:27-50), or the
+    """The architecture: an HF config.json with the YAML's overrides (NxDT's hf source, llama_model.py:22-40), or the
     inline keys plus the tokenizer's vocabulary (its megatron source)."""
     if cfg.model_source == "megatron":
         return _megatron_args(cfg)
@@ -354,10 +354,16 @@ def load_llama_args(cfg: DictConfig) -> LlamaArgs:
     if not isinstance(hf, dict):
         raise ConfigError(key, f"{path} must hold a JSON object")
     for yaml_key, hf_key in (("num_layers", "num_hidden_layers"), ("hidden_size", "hidden_size"),
-                             ("rope_theta", "rope_theta"), ("max_position_embeddings", "max_position_embeddings")):
+                             ("rope_theta", "rope_theta")):
         value = cfg.model.get(yaml_key)
         if value is not None and value != -1:
             hf[hf_key] = value
+    # The YAML's max_position_embeddings only ever raises config.json's: NxDT takes the max of the two
+    # (lightning_modules/model/hf_models/llama_model.py:30; every NxDT example config sets it, ours may leave it out).
+    positions = cfg.model.get("max_position_embeddings")
+    if positions is not None:
+        own = hf.get("max_position_embeddings")
+        hf["max_position_embeddings"] = max(own, positions) if isinstance(own, int) else positions
     if hf.get("max_position_embeddings") is None:  # the sequence length is checked against it (validate)
         raise ConfigError(key, f"{path}: 'max_position_embeddings' must be a positive integer, got None")
     return LlamaArgs.from_hf(hf, key, str(path))

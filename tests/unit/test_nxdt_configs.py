@@ -97,6 +97,17 @@ def test_multiply_is_resolved_with_nemo_meaning(nxdt_conf: Path) -> None:
     assert rc.raw.exp_manager.checkpoint_callback_params.model_parallel_size == 32 * 2
 
 
+def test_the_yaml_max_position_embeddings_only_raises_the_model_configs(nxdt_conf: Path) -> None:
+    """NxDT takes max(config.json, YAML) (llama_model.py:30): a smaller YAML value does not shrink the model's RoPE
+    table, a larger one grows it; the llama3.1 8B config.json says 131072, NxDT's 8B example YAML 8192."""
+    config = nxdt_conf / "hf_llama3_8B_config.yaml"
+    model = f"model.model_config={MODELS / 'llama3.1_8b.json'}"
+    assert load_config(config, [model]).model.max_position_embeddings == 131072
+    assert load_config(config, [model, "model.max_position_embeddings=262144"]).model.max_position_embeddings == 262144
+    base = f"model.model_config={MODELS / 'llama3_8b.json'}"  # 8192
+    assert load_config(config, [base, "model.max_position_embeddings=4096"]).model.max_position_embeddings == 8192
+
+
 @pytest.mark.parametrize(("override", "key", "suggestion"), [
     ("+trainer.max_step=5", "trainer.max_step", "trainer.max_steps"),  # strict: PTL would raise
     ("+exp_manager.resume_if_exist=true", "exp_manager.resume_if_exist", "exp_manager.resume_if_exists"),
