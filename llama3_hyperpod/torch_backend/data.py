@@ -28,29 +28,76 @@ class ArrowRows:
 
     `datasets` writes a Dataset as state.json (listing its data files) + `data-NNNNN-of-NNNNN.arrow` (Arrow IPC
     streams), a DatasetDict as dataset_dict.json + a folder per split. Importing `datasets` to read them added 2.6 s to
-    `import torch` on a busy 2-core machine (pyarrow alone: nothing); pyarrow is what it reads them with underneath."""
+    `import torch` on a busy 2-core machine (pyarrow alone: nothing); pyarrow is what it reads them with underneath.
+    Rows are numpy views of the mapped buffers (`_ListColumn`): pyarrow's compute functions and `to_numpy` import
+    pandas on first use, 0.6 s of a warm start's 9-11 s (python -X importtime, this repository's 2-core machine)."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
         self.column_names: list[str] = list(table.column_names)
+        self._columns: dict[str, _ListColumn] = {}
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
 
+    def _column(self, name: str) -> _ListColumn:
+        if name not in self._columns:
+            self._columns[name] = _ListColumn(name, self.table.column(name).chunks)
+        return self._columns[name]
+
     def row_length(self, index: int, column: str = "input_ids") -> int:
-        return len(self.table.column(column)[index])
+        return len(self._column(column).row(index))
 
     def take(self, rows: list[int], column: str, width: int) -> np.ndarray:
         """The first `width` values of each of these rows of a list column, as an (len(rows), width) array."""
-        import pyarrow.compute as pc
+        col = self._column(column)
+        return np.stack([col.row(r)[:width] for r in rows])
 
-        picked = self.table.column(column).take(rows).combine_chunks()
-        lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False)
-        flat = pc.list_flatten(picked).to_numpy(zero_copy_only=False)
-        if len(set(lengths.tolist())) == 1:
-            return flat.reshape(len(rows), -1)[:, :width]
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        return np.stack([flat[a : a + width] for a in starts])
+
+class _ListColumn:
+    """A list-of-integers column as numpy views of its Arrow buffers, chunk by chunk (no copy of the dataset)."""
+
+    def __init__(self, name: str, chunks: list[Any]) -> None:
+        self.name = name
+        self.starts = np.cumsum([0] + [len(c) for c in chunks])
+        self.parts: list[tuple[np.ndarray, np.ndarray | None]] = [self._part(c) for c in chunks]
+
+    def _part(self, chunk: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """(values, None) for a fixed-size list chunk, as a (rows, size) array; (values, offsets) for a ragged one."""
+        import pyarrow as pa
+
+        if chunk.null_count:
+            raise ConfigError("data.train_dir", f"column {self.name} has {chunk.null_count} null rows")
+        kind = chunk.type
+        if pa.types.is_fixed_size_list(kind):
+            size = kind.list_size
+            values = _int_view(chunk.values, self.name)
+            return values[chunk.offset * size : (chunk.offset + len(chunk)) * size].reshape(len(chunk), size), None
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            wide = np.int64 if pa.types.is_large_list(kind) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=wide, count=len(chunk) + 1,
+                                    offset=chunk.offset * np.dtype(wide).itemsize)
+            return _int_view(chunk.values, self.name), offsets
+        raise ConfigError("data.train_dir", f"column {self.name} holds {kind}, not lists of token ids")
+
+    def row(self, index: int) -> np.ndarray:
+        chunk = int(np.searchsorted(self.starts, index, side="right")) - 1
+        values, offsets = self.parts[chunk]
+        local = index - int(self.starts[chunk])
+        if offsets is None:
+            return values[local]
+        return values[offsets[local] : offsets[local + 1]]
+
+
+def _int_view(values: Any, column: str) -> np.ndarray:
+    """A zero-copy numpy view of an Arrow integer array without nulls."""
+    import pyarrow as pa
+
+    if not pa.types.is_integer(values.type) or values.null_count:
+        raise ConfigError("data.train_dir", f"column {column} holds {values.type} values with {values.null_count} "
+                          "nulls, not token ids")
+    dtype = np.dtype(str(values.type))
+    return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)
 
 
 def _saved_split(train_dir: Path) -> Path:

@@ -129,6 +129,46 @@ def test_the_arrow_reader_reads_what_datasets_reads(tmp_path: Path, fixed: bool)
     assert targets[:, :-1].tolist() == [theirs[i]["input_ids"][1:10] for i in (6, 7)]
 
 
+@pytest.mark.parametrize("kind", ["fixed", "list", "large_list"])
+def test_rows_come_from_the_buffers_of_sliced_chunks(kind: str) -> None:
+    """Rows read straight from the Arrow buffers honour chunk and array offsets (a sliced table), for fixed-size,
+    ragged and large ragged lists, and a column of non-integers or with nulls is one config error."""
+    import pyarrow as pa
+
+    from llama3_hyperpod.torch_backend.data import ArrowRows
+
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 1000, 6 if kind == "fixed" else int(rng.integers(6, 9))).tolist() for _ in range(40)]
+    item = pa.int32()
+    arrow_type = {"fixed": pa.list_(item, 6), "list": pa.list_(item), "large_list": pa.large_list(item)}[kind]
+    chunks = [pa.array(rows[:25], arrow_type), pa.array(rows[25:], arrow_type)]
+    table = pa.Table.from_batches([pa.record_batch([c], names=["input_ids"]) for c in chunks]).slice(7, 30)
+    ours = ArrowRows(table)
+    expected = table.column("input_ids").to_pylist()
+    assert len(ours) == 30 and table.column("input_ids").num_chunks == 2
+    pick = [0, 17, 18, 29, 3]
+    assert ours.take(pick, "input_ids", 5).tolist() == [expected[i][:5] for i in pick]
+    assert [ours.row_length(i) for i in pick] == [len(expected[i]) for i in pick]
+    bad = ArrowRows(pa.table({"input_ids": pa.array([[1.5, 2.0]]), "holes": pa.array([[1, None]])}))
+    for column in ("input_ids", "holes"):
+        with pytest.raises(ConfigError, match=f"column {column} holds"):
+            bad.take([0], column, 1)
+
+
+def test_reading_rows_imports_no_pandas(tmp_path: Path) -> None:
+    """pyarrow's compute functions and to_numpy import pandas (0.6 s of a warm start); the trainer's reader uses
+    neither."""
+    import subprocess
+    import sys
+
+    write_token_dataset(tmp_path / "ds", np.arange(4000) % 500, seq_len=16)
+    code = ("import sys; from llama3_hyperpod.torch_backend.data import load_train_dataset as f; "
+            f"d = f({str(tmp_path / 'ds')!r}, 16); d.take([3, 1], 'input_ids', 16); "
+            "print(sorted(m for m in ('pandas', 'pyarrow.compute', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_a_folder_that_is_no_saved_dataset_is_one_config_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"neither state\.json nor dataset_dict\.json") as err:
