@@ -59,6 +59,7 @@ class _ListColumn:
 
     def __init__(self, name: str, chunks: list[Any]) -> None:
         self.name = name
+        chunks = [c for c in chunks if len(c)]  # an empty chunk may have no data buffer at all
         self.starts = np.cumsum([0] + [len(c) for c in chunks])
         self.parts: list[tuple[np.ndarray, np.ndarray | None]] = [self._part(c) for c in chunks]
 
