@@ -99,7 +99,11 @@ SlurmctldHost=${host}(127.0.0.1)
 SlurmctldPort=${PORT}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=${DIR}/munge/munge.socket
+# cred_expire (default 120 s) is also how long a requeued job waits before it may start again: 20 s here, and the
+# tests let Slurm start it then. Forcing StartTime=now skips the wait that guards the revocation of the job's old
+# credential (src/common/slurm_cred.c: a credential created in the same second as the revocation counts as revoked,
+# and slurmd refuses that batch launch as "already killed"); a job started that way once ended FAILED 1:0 in CI.
+AuthInfo=socket=${DIR}/munge/munge.socket,cred_expire=20
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -128,6 +132,8 @@ KillWait=10
 MinJobAge=600
 MessageTimeout=20
 JobRequeue=1
+# Start a requeued job within ~2 s of its begin time (the default passes are 60 s and 30 s apart).
+SchedulerParameters=sched_interval=2,bf_interval=2
 NodeName=${nodes} NodeHostname=${host} NodeAddr=127.0.0.1 Port=[$((PORT + 1))-${last_port}] CPUs=${CPUS} State=UNKNOWN
 PartitionName=debug Nodes=${nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
