@@ -7,8 +7,9 @@ from pathlib import Path
 
 from llama3_hyperpod.config import ConfigError
 from llama3_hyperpod.data.tokenizer import tokenizer_file
-from llama3_hyperpod.data.writer import METADATA_FILE
 from llama3_hyperpod.fsutil import sha256_file
+
+METADATA_FILE = "metadata.json"  # a prepared folder's record (prepare.py writes it); here so a check needs no numpy
 
 KEY = "data.train_dir"
 

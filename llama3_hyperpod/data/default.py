@@ -14,6 +14,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from llama3_hyperpod.data.check import METADATA_FILE
 from llama3_hyperpod.data.errors import DataError
 from llama3_hyperpod.data.sources import LocalFile
 from llama3_hyperpod.fsutil import locked
@@ -51,16 +52,17 @@ def default_name(seq_len: int, vocab_size: int) -> str:
 
 def ensure_default_dataset(dest: Path, seq_len: int, vocab_size: int, *, workers: int | None = None) -> Path:
     """Return `dest/<name>` holding the default dataset (with its tokenizer.json), building it first if missing."""
+    dest = Path(dest)
+    out = dest / default_name(seq_len, vocab_size)
+    if (out / METADATA_FILE).is_file():
+        return out
+    # Only a build needs these (numpy, tokenizers): a start with the dataset in place skips their import.
     from llama3_hyperpod.data.prepare import Corpus, prepare
     from llama3_hyperpod.data.tokenizer import load_tokenizer, train_bpe
 
-    dest = Path(dest)
-    out = dest / default_name(seq_len, vocab_size)
-    if (out / "metadata.json").is_file():
-        return out
     dest.mkdir(parents=True, exist_ok=True)
     with locked(dest / f".{out.name}.lock"):
-        if (out / "metadata.json").is_file():  # another process built it while we waited
+        if (out / METADATA_FILE).is_file():  # another process built it while we waited
             return out
         files = stdlib_files()
         corpus = Corpus(list(files), text_field="text", txt_split="file")

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from llama3_hyperpod.data import encode
+from llama3_hyperpod.data.check import METADATA_FILE
 from llama3_hyperpod.data.errors import DataError
 from llama3_hyperpod.data.pack import Packer
 from llama3_hyperpod.data.sources import TXT_SPLITS, HubDataset, LocalFile, Piece, Source, iter_pieces, sha256_file
 from llama3_hyperpod.data.tokenizer import TokenizerInfo, load_tokenizer
-from llama3_hyperpod.data.writer import METADATA_FILE, ShardWriter, atomic_folder, check_destination, write_json
+from llama3_hyperpod.data.writer import ShardWriter, atomic_folder, check_destination, write_json
 from llama3_hyperpod.fsutil import is_inside
 
 FORMAT = "llama3_hyperpod.data/1"

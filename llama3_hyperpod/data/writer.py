@@ -25,7 +25,6 @@ from llama3_hyperpod.fsutil import link_message
 
 COLUMNS = ("input_ids", "labels")
 MAX_SHARD_BYTES = 500 * 1000 * 1000  # save_to_disk's default max_shard_size
-METADATA_FILE = "metadata.json"
 
 
 def features(seq_len: int) -> Any:

@@ -49,6 +49,12 @@ def test_default_dataset_built_once_by_concurrent_callers_and_stable(tmp_path: P
     assert ds.num_rows == meta["blocks"] and len(ds[0]["input_ids"]) == 256
     check_dataset_matches(out, seq_len=256, vocab_size=8192, tokenizer_path=out)
     assert ensure_default_dataset(dest, 256, 8192) == out  # second call: already there
+    # ...and what every start does before the trainer (cli.prepare_torch_data) imports none of the build's libraries
+    warm = (BUILD.split("\n")[0] + "\nfrom llama3_hyperpod.data.check import check_dataset_matches as c\n"
+            f"c(e(Path(sys.argv[1]), 256, 8192), seq_len=256, vocab_size=8192, tokenizer_path={str(out)!r})\n"
+            "print(sorted(m for m in ('numpy', 'tokenizers', 'datasets', 'pyarrow') if m in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", warm, str(dest)], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]", imported.stdout
 
     again = ensure_default_dataset(tmp_path / "other", 256, 8192, workers=1)
     assert _digest(again) == _digest(out)
