@@ -4,7 +4,8 @@ Same ~58M-parameter Llama 3 shape (hidden 512, 8 layers, GQA 8/4 heads, SwiGLU 1
 (micro batch 4 x seq 512), fp32 on CPU, the same loop for all three: forward to the mean cross-entropy, backward,
 the trainer's gradient clipping, fused AdamW. Each model brings its own loss path: ours its fused output layer +
 cross-entropy (the trainer's), the peers their logits into F.cross_entropy (what their trainers do). `--compile`
-compiles each model's transformer blocks one by one (what each of the three trainers does).
+compiles each model's transformer blocks one by one (what each of the three trainers does). `--vocab 128256` gives
+the model Llama 3's real vocabulary (157M parameters then, 131M of them in the embedding and the output layer).
 
 The machine is shared, so the variants run in interleaved rounds (a rotated order each round): every round measures
 this machine's fp32 GEMM peak again, then runs `--steps` steps of each variant. Figures are medians over rounds with
@@ -15,7 +16,7 @@ being less sensitive to other processes taking the cores. OpenMP threads wait pa
 unless set), the same for every variant, so that CPU time is work rather than spinning.
 
     bash bench/setup_torchtitan.sh      # once: torchtitan 0.3.0 into .bench/torchtitan (not the project's lock)
-    python bench/train_throughput.py [--compile] [--rounds 5] [--steps 2] [--json]
+    python bench/train_throughput.py [--compile] [--rounds 5] [--steps 2] [--vocab 128256] [--json]
 """
 
 from __future__ import annotations
@@ -193,9 +194,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="steps of each variant per round")
     p.add_argument("--variants", default="ours,torchtitan,transformers")
     p.add_argument("--max-spread", type=float, default=0.10, help="a ratio whose rounds disagree more is refused")
+    p.add_argument("--vocab", type=int, default=HF["vocab_size"],
+                   help=f"vocabulary size (default {HF['vocab_size']}; Llama 3's tokenizer has 128256)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     names = args.variants.split(",")
+    HF["vocab_size"] = args.vocab  # read by every builder below
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, HF["vocab_size"], (MICRO, SEQ + 1), generator=gen) for _ in range(4)]
@@ -204,7 +208,8 @@ def main() -> int:
     fpt = flops_per_token(non_embedding_params=num_params(meta, exclude_embedding=True),
                           num_layers=HF["num_hidden_layers"], hidden_size=HF["hidden_size"], seq_len=SEQ)
     tokens_per_step = SEQ * MICRO
-    print(f"model {num_params(meta) / 1e6:.1f}M params | seq {SEQ} x micro batch {MICRO} | {fpt / 1e6:.0f} MFLOP/token "
+    print(f"model {num_params(meta) / 1e6:.1f}M params, vocab {args.vocab} | seq {SEQ} x micro batch {MICRO} | "
+          f"{fpt / 1e6:.0f} MFLOP/token "
           f"| fp32, {torch.get_num_threads()} threads | {'compiled blocks' if args.compile else 'eager'} | "
           f"{args.rounds} rounds x {args.steps} steps of each", flush=True)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from llama3_hyperpod.checkpoint_policy import CheckpointPolicy
 from llama3_hyperpod.config import RunConfig
+from llama3_hyperpod.torch_backend.loss_chunks import ce_chunk_rows
 
 GIB = 2**30
 NEURON_PEAK_BF16_FLOPS = 95e12  # per NeuronCore (shared/reference/neuron-nxdt.md)
@@ -172,7 +173,6 @@ TORCH_CPU_BASELINE = int(0.46 * GIB)
 # ru_maxrss 2.04 GiB with 1 thread, 2.17 GiB with 2; RSS after the optimizer step stayed 0.8 GiB above what was
 # alive). The CUDA caching allocator's peak counts live tensors only.
 CPU_HEAP_OVERHEAD = 0.25
-_CE_CHUNK_BYTES = 2**23 * 4  # model.py _CE_CHUNK_ELEMENTS fp32 logits, the fused cross-entropy's chunk buffer
 
 
 def _torch_layer_saved(rc: RunConfig, device: str, *, recompute: str | None) -> int:
@@ -213,7 +213,8 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
     - gradients: fp32, like the parameters (the unsharded gradients of one block wait for their reduce-scatter);
     - end of forward = start of backward: parameters + optimizer + every block's saved tensors + the loss node's
       saved gradients (the fused cross-entropy computes the output layer's gradients in its forward: (tokens, h)
-      and (vocab, h) in fp32, plus its 32 MiB chunk buffer) + gradients already accumulated (grad accumulation);
+      and (vocab, h) in fp32, plus its fp32 buffer of loss_chunks.ce_chunk_rows tokens) + gradients already
+      accumulated (grad accumulation);
       under TP the vocab-sharded logits go through loss parallel instead: logits, log-softmax and their gradient,
       (tokens, vocab / TP) fp32 each; plus the working set of the first block's backward;
     - the optimizer step: parameters + optimizer + all gradients;
@@ -292,4 +293,5 @@ def _torch_loss(rc: RunConfig, tokens: int) -> tuple[int, int]:
     h, vocab, tp, dp = rc.model.hidden_size, rc.model.vocab_size, rc.layout.tp, rc.layout.dp
     if tp > 1:
         return 3 * tokens * vocab // tp * 4 + tokens * h * 4, 0  # loss parallel on the logits + output's input
-    return tokens * h * 4 + _CE_CHUNK_BYTES, vocab * h * 4 // dp if dp > 1 else vocab * h * 4
+    chunk = ce_chunk_rows(tokens, vocab) * vocab * 4  # the fused cross-entropy's fp32 chunk buffer
+    return tokens * h * 4 + chunk, vocab * h * 4 // dp if dp > 1 else vocab * h * 4

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama3_hyperpod.hf.llama_config import LlamaArgs
 from llama3_hyperpod.torch_backend.data import IGNORE_INDEX
+from llama3_hyperpod.torch_backend.loss_chunks import ce_chunk_rows
 
 __all__ = ["Llama", "LlamaArgs", "apply_rope", "from_hf_state_dict", "num_params", "rope_cos_sin", "rope_inv_freq",
            "to_hf_state_dict"]
@@ -317,17 +318,15 @@ class Llama(nn.Module):
         return _LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(0, 1))
 
 
-_CE_CHUNK_ELEMENTS = 2**23  # logits of one chunk: 32 MiB in fp32, reused for every chunk
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean(cross_entropy(h @ W^T, targets)) with the gradients computed in the same pass, chunk by chunk of tokens.
 
     The usual path writes the (tokens, vocab) logits, their log-softmax, a zero-filled gradient of the same size
     and the log-softmax gradient: four fresh tensors of 262 MB each for 2048 tokens x 32000 words in fp32, and six
-    passes over them. Here one chunk buffer is reused: its logits give the loss, are turned in place into
-    (softmax - one_hot) / n, and go straight into the two gradient GEMMs. The FLOPs are those of the output layer's
-    forward and backward; backward only scales the saved gradients by the incoming one.
+    passes over them. Here one chunk buffer (loss_chunks.py: how many tokens at a time) is reused: its logits give
+    the loss, are turned in place into (softmax - one_hot) / n, and go straight into the two gradient GEMMs. The
+    FLOPs are those of the output layer's forward and backward; backward only scales the saved gradients by the
+    incoming one.
     """
 
     @staticmethod
@@ -340,7 +339,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         count = int(valid.sum())
         inv_n = 1.0 / max(count, 1)
-        chunk = max(1, min(tokens, _CE_CHUNK_ELEMENTS // vocab))
+        chunk = ce_chunk_rows(tokens, vocab)
         buf = torch.empty(chunk, vocab, dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_grad else None
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None

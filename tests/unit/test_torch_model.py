@@ -9,9 +9,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llama3_hyperpod.torch_backend import model as model_module
+from llama3_hyperpod.torch_backend.data import IGNORE_INDEX
+from llama3_hyperpod.torch_backend.loss_chunks import ce_chunk_rows
 from llama3_hyperpod.torch_backend.model import (
     Llama,
     LlamaArgs,
+    _LinearCrossEntropy,
     from_hf_state_dict,
     num_params,
     rope_inv_freq,
@@ -126,3 +130,30 @@ def test_hf_config_defaults_follow_transformers() -> None:
     args, shape = LlamaArgs.from_hf(hf), LlamaArgs.from_hf(hf, "model.model_config", "config.json")
     assert args.rms_norm_eps == shape.rms_norm_eps == reference.rms_norm_eps
     assert args.head_dim == shape.head_dim == reference.head_dim
+
+
+@pytest.mark.parametrize("rows", [7, 1024])
+def test_the_fused_cross_entropy_matches_the_logits_path_chunk_by_chunk(rows: int, monkeypatch: Any) -> None:
+    """Chunks of 7 tokens (the last one short, ignored targets across a chunk boundary) and one whole chunk give the
+    loss and both gradients of logits -> F.cross_entropy: every chunk after the first adds to the weight gradient."""
+    monkeypatch.setattr(model_module, "ce_chunk_rows", lambda tokens, vocab: min(tokens, rows))
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = (torch.randn(96, 16) * 0.1).requires_grad_()
+    targets = torch.randint(0, 96, (40,))
+    targets[5:9] = IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(h @ w.t(), targets)
+    expected_h, expected_w = torch.autograd.grad(expected * 3.0, (h, w))
+    got = _LinearCrossEntropy.apply(h, w, targets)
+    got_h, got_w = torch.autograd.grad(got * 3.0, (h, w))  # a scaled loss, as under gradient accumulation
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_h, expected_h, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_w, expected_w, atol=1e-6, rtol=1e-5)
+
+
+def test_a_cross_entropy_chunk_has_at_least_1024_tokens_for_a_large_vocabulary() -> None:
+    """The weight-gradient GEMM's inner dimension is the chunk's rows: Llama 3's vocabulary gets 1024 (not the 65 that
+    2^23 logits allow); a small vocabulary gets up to 2^23 logits; never more rows than tokens."""
+    assert ce_chunk_rows(8192, 128256) == 1024
+    assert ce_chunk_rows(8192, 256) == 8192 and ce_chunk_rows(100_000, 256) == 2**23 // 256
+    assert ce_chunk_rows(300, 128256) == 300
