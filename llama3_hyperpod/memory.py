@@ -62,6 +62,9 @@ class MemoryEstimate:
     allocator: int = 0
     peak_phase: str = ""
     staging: int = 0  # async checkpointing: the host copy of this rank's state it keeps for the next save
+    # torch backends: the peak of a fresh run that stops after its first step, lower than `total`: AdamW creates
+    # its moments in that step's optimizer step (after the backward) and the heap has no slack from a previous step.
+    first_step: int = 0
 
 
 def bytes_per_param(backend: str, device: str, precision: str) -> BytesPerParam:
@@ -219,6 +222,7 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
       (tokens, vocab / TP) fp32 each; plus the working set of the first block's backward;
     - the optimizer step: parameters + optimizer + all gradients;
     - plus the process itself (TORCH_CPU_BASELINE on CPU) and the allocator's slack (CPU_HEAP_OVERHEAD);
+    - a fresh run's first step (first_step) peaks lower: no optimizer states before its optimizer step, no slack;
     - with async checkpointing, the host copy of this rank's weights and optimizer states that the save stages into
       and keeps for the next one (checkpoint_save.py): in the total on CPU; on CUDA it is host memory, shown apart.
     """
@@ -242,7 +246,9 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
     peak, phase = (at_backward, "start of backward") if at_backward >= at_step else (at_step, "optimizer step")
     policy = CheckpointPolicy.from_config(rc)
     staging = n // dp * 4 + optimizer if policy.enabled and policy.async_save else 0
-    total = baseline + allocator + peak + (staging if device == "cpu" else 0)
+    host_staging = staging if device == "cpu" else 0
+    total = baseline + allocator + peak + host_staging
+    first_step = baseline + max(at_backward - optimizer, at_step) + host_staging
     return MemoryEstimate(
         params_per_device=n,
         weights=weights,
@@ -262,6 +268,7 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
         allocator=allocator,
         peak_phase=phase,
         staging=staging,
+        first_step=first_step,
     )
 
 

@@ -119,10 +119,12 @@ def memory_bytes(device: str) -> int:
 MEMORY_TOLERANCE = 0.2
 
 
-def memory_verdict(measured: int, estimated: int, source: str) -> tuple[str, bool]:
-    """('peak 1.02 GiB (ru_maxrss) vs plan 0.95 GiB (+7%)', within MEMORY_TOLERANCE)."""
+def memory_verdict(measured: int, estimated: int, source: str, *, first_step: bool = False) -> tuple[str, bool]:
+    """('peak 1.02 GiB (ru_maxrss) vs plan's estimate 0.95 GiB (+7%)', within MEMORY_TOLERANCE); `first_step`: the
+    estimate is the plan's for a fresh run's first step (memory.MemoryEstimate.first_step), and the text says so."""
     diff = measured / estimated - 1 if estimated else float("inf")
-    text = (f"peak mem {measured / 2**30:.2f} GiB ({source}) vs plan's estimate {estimated / 2**30:.2f} GiB "
+    which = "first-step estimate" if first_step else "estimate"
+    text = (f"peak mem {measured / 2**30:.2f} GiB ({source}) vs plan's {which} {estimated / 2**30:.2f} GiB "
             f"({diff:+.0%})")
     return text, abs(diff) <= MEMORY_TOLERANCE
 

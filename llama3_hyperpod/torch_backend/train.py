@@ -364,9 +364,12 @@ def _finish(rc: RunConfig, result: TrainResult, run_dir: Path, d: parallel.Dist,
             max_steps: int, cache_before: int) -> None:
     """After the loop: peak memory against the estimate, then the requeue marker and stop line, or the summary."""
     result.peak_memory = _max_over_ranks(memory_bytes(device), d, device)
-    result.memory_estimate = estimate_memory(rc, "torch", device, None).total
+    estimate = estimate_memory(rc, "torch", device, None)
+    # A fresh run that stopped after one step never reached the steady peak (memory.MemoryEstimate.first_step).
+    first_step = result.start_step == 0 and len(result.losses) == 1
+    result.memory_estimate = estimate.first_step if first_step else estimate.total
     memory_line, memory_ok = memory_verdict(result.peak_memory, result.memory_estimate,
-                                            "allocator" if device == "cuda" else "ru_maxrss")
+                                            "allocator" if device == "cuda" else "ru_maxrss", first_step=first_step)
     if d.is_main and echo and not memory_ok:
         stderr_log(f"train: warning: {memory_line}: the estimate is off by more than 20% (llama3_hyperpod/memory.py)")
     start_step = result.start_step
