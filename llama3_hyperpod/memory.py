@@ -226,26 +226,22 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
     - with async checkpointing, the host copy of this rank's weights and optimizer states that the save stages into
       and keeps for the next one (checkpoint_save.py): in the total on CPU; on CUDA it is host memory, shown apart.
     """
-    m, lay = rc.model, rc.layout
     n = params_per_device(rc)
     tokens = rc.seq_len * rc.micro_batch_size
-    h, f, tp, dp = m.hidden_size, m.intermediate_size, lay.tp, lay.dp
-    granularity = rc.cfg.model.activations_checkpoint_granularity
+    h, f, tp, dp = rc.model.hidden_size, rc.model.intermediate_size, rc.layout.tp, rc.layout.dp
     weights, grads_step = _torch_weights_and_grads(rc, n)
     optimizer = n // dp * 8
     saved = _torch_saved(rc, device, tokens)
     loss, output_grad = _torch_loss(rc, tokens)
-    act = 2 if device == "cuda" else 4
-    # The first block's backward: gradients of its MLP intermediates (3 x f) and of two hidden-size tensors.
-    transient = tokens * (3 * (f // tp) * act + 2 * h * 4)
+    # The first block's backward: gradients of its MLP intermediates (3 x f, GEMM dtype), two hidden-size tensors.
+    transient = tokens * (3 * (f // tp) * (2 if device == "cuda" else 4) + 2 * h * 4)
     accumulated = grads_step if rc.grad_accum_steps > 1 else 0
     at_backward = weights + optimizer + saved + loss + output_grad + accumulated + transient
     at_step = weights + optimizer + grads_step
     baseline = TORCH_CPU_BASELINE if device == "cpu" else 0
     allocator = int(CPU_HEAP_OVERHEAD * (saved + loss + transient)) if device == "cpu" else 0
     peak, phase = (at_backward, "start of backward") if at_backward >= at_step else (at_step, "optimizer step")
-    policy = CheckpointPolicy.from_config(rc)
-    staging = n // dp * 4 + optimizer if policy.enabled and policy.async_save else 0
+    staging = _async_staging(rc, n // dp * 4 + optimizer)
     host_staging = staging if device == "cpu" else 0
     total = baseline + allocator + peak + host_staging
     first_step = baseline + max(at_backward - optimizer, at_step) + host_staging
@@ -262,7 +258,7 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
         device_memory=device_memory,
         fits=None if device_memory is None else total <= device_memory,
         precision=str(rc.cfg.precision.type),
-        recompute=str(granularity),
+        recompute=str(rc.cfg.model.activations_checkpoint_granularity),
         baseline=baseline,
         transient=transient,
         allocator=allocator,
@@ -270,6 +266,12 @@ def _torch_estimate(rc: RunConfig, device: str, device_memory: int | None) -> Me
         staging=staging,
         first_step=first_step,
     )
+
+
+def _async_staging(rc: RunConfig, state_bytes: int) -> int:
+    """The host copy an async checkpoint stages this rank's weights and optimizer states into (0 without one)."""
+    policy = CheckpointPolicy.from_config(rc)
+    return state_bytes if policy.enabled and policy.async_save else 0
 
 
 def _torch_weights_and_grads(rc: RunConfig, n: int) -> tuple[int, int]:
