@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from llama3_hyperpod.fsutil import create_durably, fsync_path
@@ -32,12 +33,38 @@ from llama3_hyperpod.torch_backend.checkpoint_files import (
 from llama3_hyperpod.torch_backend.checkpoint_retention import Retention
 
 
-def _writer(tmp: Path) -> dcp.FileSystemWriter:
+def _writer(tmp: Path, threads: int | None = None) -> dcp.FileSystemWriter:
     """DCP's file writer with one writer thread per core of this rank (hash_threads: its share of the node): the
     state is split by size into that many files (`__<rank>_<n>.distcp`, written in parallel) instead of one file
     written by one thread (DCP's default, about half the disk's bandwidth here; bench/checkpoint.py). DCP does not
     fsync them: _hash_own does, once each, overlapped with hashing them."""
-    return dcp.FileSystemWriter(tmp, thread_count=hash_threads(), sync_files=False)  # fsynced in _hash_own
+    return dcp.FileSystemWriter(tmp, thread_count=threads or hash_threads(), sync_files=False)  # see _hash_own
+
+
+def all_written(metadata: Metadata) -> Metadata:
+    """Raise OSError unless DCP wrote every item its metadata lists.
+
+    DCP's extra writer threads lose their own errors (torch 2.13 distributed/checkpoint/filesystem.py:375-478: an
+    exception ends `_write_files_from_queue` in that thread, `_write_data` joins it at :746 and returns the other
+    threads' results): a full disk or an I/O error hit by one of them leaves a save that "succeeds" with a truncated
+    shard, which would be hashed and marked done. Its items are then missing from `storage_data`, which `finish`
+    builds from the write results (:758-764); that is checked here, on the metadata every rank gets back."""
+    expected: list[MetadataIndex] = []
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            expected += [MetadataIndex(fqn, chunk.offsets) for chunk in item.chunks]
+        else:
+            expected.append(MetadataIndex(fqn))
+    missing = [index for index in expected if index not in metadata.storage_data]
+    if missing:
+        raise OSError(f"{len(missing)} of {len(expected)} items were not written (first: {missing[0].fqn}): a "
+                      "checkpoint writer thread failed (its traceback is printed above)")
+    return metadata
+
+
+def write_state(state: dict[str, Any], tmp: Path, *, no_dist: bool, threads: int | None = None) -> Metadata:
+    """A synchronous DCP save of `state` into `tmp`, held to all_written."""
+    return all_written(dcp.save(state, storage_writer=_writer(tmp, threads), no_dist=no_dist))
 
 
 def _fsync_each(paths: list[Path]) -> None:
@@ -87,7 +114,7 @@ class SavePath(Retention):
                     self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-digests")
                 self._pending = (step, self._hasher.submit(self._hash_when_written, written, tmp))
             else:
-                dcp.save(state, storage_writer=_writer(tmp), no_dist=self.world_size == 1)
+                write_state(state, tmp, no_dist=self.world_size == 1)
         except SaveErrors as exc:  # OSError, or DCP's CheckpointException wrapping one
             error = exc
         if not self._all_ok(error is None):
@@ -130,7 +157,7 @@ class SavePath(Retention):
 
     def _hash_when_written(self, written: Future[Any], tmp: Path) -> dict[str, dict[str, Any]]:
         """Background thread of an async save: wait for DCP's write, then hash this rank's files."""
-        written.result()
+        all_written(written.result())
         return self._hash_own(tmp)
 
     def _own_files(self, tmp: Path) -> list[Path]:
