@@ -8,7 +8,8 @@ figures are medians with quartiles and range, the fractions taken per round.
 - sync save (checkpoint.Checkpointer, DCP + fsync + rename + done marker): bytes / time, as a fraction of raw;
   the training stall is the whole save;
 - async save (exp_manager.async_checkpointing): the loop blocks only while the state is copied to host memory,
-  the write overlaps the next steps; the stall is that copy plus how much slower the overlapping steps ran;
+  the write overlaps the next steps; the stall is that copy plus how much longer the overlapping steps took than
+  as many steps right after it, with no save running;
 - what the content hashes cost: sha256 of every file at save (inside the sync figure above, shown on its own) and
   the verification before a load, next to the load itself (into fresh tensors, then applied).
 
@@ -162,7 +163,10 @@ def run(base: Path, rounds: int = ROUNDS) -> dict[str, Any]:
             overlapped.append(step())
         asyn.wait()  # finalise: fsync + rename + done marker (the data is already written)
         durable_s.append((written_at[0] if written_at else time.perf_counter()) - t0)
-        slowdown = sum(max(0.0, t - baseline) for t in overlapped)
+        # As many steps again with no save running, right after: this round's own baseline, so the slowdown is
+        # not the drift of a noisy machine, nor (as a sum of per-step excesses over one early median) its noise.
+        clean = [step() for _ in overlapped]
+        slowdown = max(0.0, sum(overlapped) - sum(clean))
         assert abs(dir_bytes(step_dir(asyn.root, r + 1)) - nbytes) < 4096  # the same state (done marker aside)
         blocked_s.append(blocked)
         slowdown_s.append(slowdown)
