@@ -92,6 +92,29 @@ def cached_cpu_gemm_flops(cache_file: Path | None) -> tuple[float, str]:
     return value, label
 
 
+def forget_outrun_peak(best_mfu: float, peak_source: str) -> str | None:
+    """A step that ran above 100% of a cached GEMM peak proves that peak was measured on a busy machine (a GEMM
+    measured under load only errs low): drop this CPU's entry so the next start measures again, and say so.
+
+    Without this, one measurement taken while something else ran would make every later run's MFU too high, since
+    the entry is kept (and baked into images) for the machine type. Returns the warning, or None when all is well."""
+    cache = os.environ.get(PEAK_CACHE_ENV)
+    if best_mfu <= 1.0 or not cache or "cached in" not in peak_source:
+        return None
+    cache_file, key = Path(cache), _cpu_key()
+    try:
+        known = json.loads(cache_file.read_text())
+        if isinstance(known, dict) and key in known:
+            del known[key]
+            write_text(cache_file, json.dumps(known, indent=1) + "\n")  # a new file: a hard-linked seed is untouched
+        dropped = "dropped, the next start measures it again"
+    except (OSError, ValueError, PathError) as e:
+        dropped = f"could not be dropped ({e}): delete the file"
+    return (f"a step ran at {best_mfu:.0%} of the GEMM peak cached in {cache_file}, so that peak was measured on a "
+            f"busy machine and this run's MFU figures are too high; its entry was {dropped} (or set "
+            "torch_backend.peak_tflops)")
+
+
 def peak_flops(device: str, configured_tflops: float | None) -> tuple[float, str]:
     """(FLOP/s of one device, where the number comes from) for the MFU denominator."""
     if configured_tflops:

@@ -62,6 +62,7 @@ from llama3_hyperpod.torch_backend.metrics import (
     MetricsWriter,
     StepMetrics,
     flops_per_token,
+    forget_outrun_peak,
     memory_bytes,
     memory_verdict,
     peak_flops,
@@ -372,6 +373,11 @@ def _finish(rc: RunConfig, result: TrainResult, run_dir: Path, d: parallel.Dist,
                                             "allocator" if device == "cuda" else "ru_maxrss", first_step=first_step)
     if d.is_main and echo and not memory_ok:
         stderr_log(f"train: warning: {memory_line}: the estimate is off by more than 20% (llama3_hyperpod/memory.py)")
+    best_mfu = max((m.mfu for m in result.history), default=0.0)
+    # Once per node (each node has its own cache dir); the main rank says so.
+    stale_peak = forget_outrun_peak(best_mfu, result.peak_source) if os.environ.get("LOCAL_RANK", "0") == "0" else None
+    if d.is_main and stale_peak:
+        stderr_log(f"train: warning: {stale_peak}")
     start_step = result.start_step
     if result.stop_signal:
         if result.requeue and int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +11,13 @@ import pytest
 import torch
 
 from llama3_hyperpod.config import ConfigError, load_config
+from llama3_hyperpod.torch_backend import metrics
 from llama3_hyperpod.torch_backend.data import IGNORE_INDEX, Batches, load_train_dataset, write_token_dataset
 from llama3_hyperpod.torch_backend.metrics import flops_per_token
 from llama3_hyperpod.torch_backend.model import Llama, LlamaArgs, num_params
 from llama3_hyperpod.torch_backend.parallel import check_layout
-from llama3_hyperpod.torch_backend.train import main
+from llama3_hyperpod.torch_backend.train import main, train
+from tests.token_data import write_byte_text_dataset
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
 
@@ -180,3 +184,41 @@ def test_a_folder_that_is_no_saved_dataset_is_one_config_error(tmp_path: Path) -
     (broken / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
     with pytest.raises(ConfigError, match="not a readable save_to_disk dataset"):
         load_train_dataset(str(broken), 8)
+
+
+def test_a_step_that_outruns_the_cached_gemm_peak_drops_that_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GEMM peak cached while the machine was busy (1 GFLOP/s here) gives MFU far above 100%: the run warns once,
+    names the file, and drops only this CPU's entry, so the next start measures again; the seeded copy it
+    replaced (a hard link to the baked cache) keeps its bytes."""
+    baked, cache = tmp_path / "baked.json", tmp_path / "cache" / "gemm-peak.json"
+    cache.parent.mkdir()
+    baked.write_text(json.dumps({metrics._cpu_key(): 1e9, "other cpu | 8 cpus | 8 threads | torch x": 5e11}))
+    os.link(baked, cache)
+    before = baked.read_bytes()
+    monkeypatch.setenv(metrics.PEAK_CACHE_ENV, str(cache))
+    write_byte_text_dataset(tmp_path / "ds", seq_len=64, max_bytes=64 * 8 * 2)
+    rc = load_config(TINY, [f"data.train_dir={tmp_path / 'ds'}", "trainer.max_steps=2", "model.encoder_seq_length=64",
+                            "torch_backend.compile=false", "exp_manager.create_checkpoint_callback=false"])
+    result = train(rc, tmp_path / "run", echo=False)
+    assert "cached in gemm-peak.json" in result.peak_source and min(m.mfu for m in result.history) > 1.0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "GEMM peak" in line]
+    assert len(warnings) == 1 and str(cache) in warnings[0] and "dropped" in warnings[0], warnings
+    assert json.loads(cache.read_text()) == {"other cpu | 8 cpus | 8 threads | torch x": 5e11}
+    assert baked.read_bytes() == before
+    # The next start measures again (a real GEMM: far above 1 GFLOP/s) and keeps the result.
+    value, source = metrics.peak_flops("cpu", None)
+    assert value > 1e9 and "cached" not in source and json.loads(cache.read_text())[metrics._cpu_key()] == value
+
+
+def test_a_run_within_the_cached_gemm_peak_leaves_the_file_alone(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "gemm-peak.json"
+    cache.write_text(json.dumps({metrics._cpu_key(): 1e12}))
+    monkeypatch.setenv(metrics.PEAK_CACHE_ENV, str(cache))
+    _, source = metrics.peak_flops("cpu", None)
+    before = cache.read_bytes()
+    assert metrics.forget_outrun_peak(0.8, source) is None
+    assert metrics.forget_outrun_peak(1.5, "torch_backend.peak_tflops") is None  # the user's figure is theirs
+    assert cache.read_bytes() == before
