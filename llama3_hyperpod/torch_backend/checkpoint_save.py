@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,14 +42,53 @@ def _writer(tmp: Path, threads: int | None = None) -> dcp.FileSystemWriter:
     return dcp.FileSystemWriter(tmp, thread_count=threads or hash_threads(), sync_files=False)  # see _hash_own
 
 
-def all_written(metadata: Metadata) -> Metadata:
-    """Raise OSError unless DCP wrote every item its metadata lists.
+# The name Python gives DCP's extra writer threads: "Thread-N (<target>)" (filesystem.py:717, no name given).
+_WRITER_THREAD = "(_write_files_from_queue)"
+
+
+class WriterThreadErrors:
+    """What DCP's extra writer threads raised: their exception reaches only threading.excepthook, whose default
+    prints a traceback; while this hook is in place it is kept for the save's own one-line error instead. Other
+    threads' errors go on to the hook that was there before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._errors: list[BaseException] = []
+        self._previous = threading.excepthook
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name.endswith(_WRITER_THREAD) and args.exc_value is not None:
+            with self._lock:
+                self._errors.append(args.exc_value)
+        else:
+            self._previous(args)
+
+    def take(self) -> list[BaseException]:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        return errors
+
+
+def writer_thread_errors() -> WriterThreadErrors:
+    """The hook, put in place before a save writes (again if something replaced it since: pytest does, per test),
+    and emptied: what it holds afterwards belongs to this save."""
+    hook = threading.excepthook
+    if not isinstance(hook, WriterThreadErrors):
+        hook = WriterThreadErrors()
+        threading.excepthook = hook
+    hook.take()
+    return hook
+
+
+def all_written(metadata: Metadata, thread_errors: list[BaseException]) -> Metadata:
+    """Raise OSError unless DCP wrote every item its metadata lists and none of its writer threads failed.
 
     DCP's extra writer threads lose their own errors (torch 2.13 distributed/checkpoint/filesystem.py:375-478: an
     exception ends `_write_files_from_queue` in that thread, `_write_data` joins it at :746 and returns the other
     threads' results): a full disk or an I/O error hit by one of them leaves a save that "succeeds" with a truncated
-    shard, which would be hashed and marked done. Its items are then missing from `storage_data`, which `finish`
-    builds from the write results (:758-764); that is checked here, on the metadata every rank gets back."""
+    shard, which would be hashed and marked done. `thread_errors` (WriterThreadErrors) holds what such a thread
+    raised; its items are also missing from `storage_data`, which `finish` builds from the write results
+    (:758-764), and that is checked too, on the metadata every rank gets back."""
     expected: list[MetadataIndex] = []
     for fqn, item in metadata.state_dict_metadata.items():
         if isinstance(item, TensorStorageMetadata):
@@ -56,15 +96,20 @@ def all_written(metadata: Metadata) -> Metadata:
         else:
             expected.append(MetadataIndex(fqn))
     missing = [index for index in expected if index not in metadata.storage_data]
-    if missing:
-        raise OSError(f"{len(missing)} of {len(expected)} items were not written (first: {missing[0].fqn}): a "
-                      "checkpoint writer thread failed (its traceback is printed above)")
+    if thread_errors and isinstance(thread_errors[0], OSError):
+        raise thread_errors[0]  # the thread's own error (a full disk keeps its errno)
+    if thread_errors or missing:
+        why = f"{type(thread_errors[0]).__name__}: {thread_errors[0]}" if thread_errors else "no error kept"
+        raise OSError(f"{len(missing)} of {len(expected)} items were not written"
+                      + (f" (first: {missing[0].fqn})" if missing else "")
+                      + f": a checkpoint writer thread failed ({why})")
     return metadata
 
 
 def write_state(state: dict[str, Any], tmp: Path, *, no_dist: bool, threads: int | None = None) -> Metadata:
     """A synchronous DCP save of `state` into `tmp`, held to all_written."""
-    return all_written(dcp.save(state, storage_writer=_writer(tmp, threads), no_dist=no_dist))
+    errors = writer_thread_errors()
+    return all_written(dcp.save(state, storage_writer=_writer(tmp, threads), no_dist=no_dist), errors.take())
 
 
 def _fsync_each(paths: list[Path]) -> None:
@@ -107,12 +152,13 @@ class SavePath(Retention):
                 if self._stager is None:  # kept: the next save copies into the same host buffers (no page faults)
                     self._stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
                                                                 use_async_staging=False, use_non_blocking_copy=False))
+                errors = writer_thread_errors()
                 written = _as_future(dcp.async_save(
                     state, storage_writer=_writer(tmp), process_group=self._pg,
                     async_stager=self._stager, no_dist=self.world_size == 1))
                 if self._hasher is None:
                     self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-digests")
-                self._pending = (step, self._hasher.submit(self._hash_when_written, written, tmp))
+                self._pending = (step, self._hasher.submit(self._hash_when_written, written, tmp, errors))
             else:
                 write_state(state, tmp, no_dist=self.world_size == 1)
         except SaveErrors as exc:  # OSError, or DCP's CheckpointException wrapping one
@@ -155,9 +201,10 @@ class SavePath(Retention):
             self._fail(step, tmp, error)
         self._finalize(step, own)
 
-    def _hash_when_written(self, written: Future[Any], tmp: Path) -> dict[str, dict[str, Any]]:
+    def _hash_when_written(self, written: Future[Any], tmp: Path,
+                           errors: WriterThreadErrors) -> dict[str, dict[str, Any]]:
         """Background thread of an async save: wait for DCP's write, then hash this rank's files."""
-        all_written(written.result())
+        all_written(written.result(), errors.take())
         return self._hash_own(tmp)
 
     def _own_files(self, tmp: Path) -> list[Path]:
