@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import signal
 
-from llama3_hyperpod.torch_backend import signals
+from llama3_hyperpod.torch_backend import signals, startup
 
 if __name__ == "__main__":
+    startup.hold_gc()  # until the first step (startup.py)
     # Before torch's import (seconds): stop signals are recorded from here on, and under torchrun this worker dies
     # with torchrun (procs.py) instead of training on alone.
     EARLY_STOP: signals.StopRequest | None = signals.install_early()
@@ -227,6 +228,8 @@ def _build(rc: RunConfig, device: str) -> _Built:
         hidden_size=rc.model.hidden_size,
         seq_len=rc.seq_len,
     )
+    if cfg.torch_backend.compile:
+        startup.defer_kernel_templates()  # before torch.compile imports Inductor's templates
     if cfg.torch_backend.compile and device == "cpu":
         vec_isa.remember_probes()  # before a compiled kernel loads: a warm start skips Inductor's ISA probes
     parallel.parallelize(model, d.mesh, layout, compile=cfg.torch_backend.compile)
@@ -341,6 +344,7 @@ def _train(rc: RunConfig, run_dir: Path, stop: StopRequest, *, mode: str, device
                          num_params=b.n_params, start_step=start_step, checkpoint_stall_s=boundary.stall_s)
     try:
         b.model.train()
+        startup.release_gc()
         for step in range(start_step, max_steps):
             m = train_step(b, rc, step, device, peak_total)
             result.losses.append(m.loss)
