@@ -106,6 +106,26 @@ def all_written(metadata: Metadata, thread_errors: list[BaseException]) -> Metad
     return metadata
 
 
+def without_torch_crc32() -> None:
+    """torch.save without its per-record CRC-32 of tensor data, in every thread of this process from its first
+    checkpoint save on.
+
+    The checkpoint's own digests (checkpoint_files.DIGEST) cover every byte of every file and are checked before
+    anything is loaded, and torch.load does not check the CRC (torch/serialization.py set_crc32_options): the CRC is
+    a second, slower checksum of the same bytes (0.77 vs 0.34 s of CPU to save 700 MB here, bench figures in README),
+    taken from the training's cores while an async save overlaps it. torch 2.13 keeps set_crc32_options per thread
+    (torch/utils/_config_module.py:53, a ContextVar at :351), so it would reach neither DCP's extra writer threads nor
+    the async save's thread: the setting's default is changed too, which every thread reads; where torch has no such
+    entry, only this thread's saves skip the CRC (slower, never wrong). Left off afterwards: an async write goes on
+    after save returns. Tools that unzip the records themselves will report CRC errors."""
+    torch.serialization.set_crc32_options(False)
+    from torch.utils.serialization import config
+
+    entry = getattr(config, "_config", {}).get("save.compute_crc32")
+    if entry is not None and hasattr(entry, "default"):
+        entry.default = False
+
+
 def write_state(state: dict[str, Any], tmp: Path, *, no_dist: bool, threads: int | None = None) -> Metadata:
     """A synchronous DCP save of `state` into `tmp`, held to all_written."""
     errors = writer_thread_errors()
@@ -146,6 +166,7 @@ class SavePath(Retention):
         self._barrier()
         state = app_state(model, optimizer, scheduler, step, consumed)
         try:
+            without_torch_crc32()
             buf = _torch_bytes(rng_state())
             create_durably(tmp / "rng" / f"rank_{self.rank:05d}.pt", buf)
             if self.async_save:
