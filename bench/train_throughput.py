@@ -13,10 +13,12 @@ their spread; a speed ratio is per round (the peer's seconds / ours in the same 
 rounds agree within `--max-spread`; an MFU above 100% is refused; each slice records the CPU used by other processes.
 Step times are wall clock; CPU-time figures (this process's user + system seconds per step) are shown beside them,
 being less sensitive to other processes taking the cores. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE
-unless set), the same for every variant, so that CPU time is work rather than spinning.
+unless set), the same for every variant, so that CPU time is work rather than spinning; and glibc keeps the blocks
+a step frees (`--malloc steady`, bench/measure.py steady_heap), so that no variant's large tensors are page-faulted
+in again at every step, by an amount that depends on what ran before it in this process.
 
     bash bench/setup_torchtitan.sh      # once: torchtitan 0.3.0 into .bench/torchtitan (not the project's lock)
-    python bench/train_throughput.py [--compile] [--rounds 5] [--steps 2] [--vocab 128256] [--json]
+    python bench/train_throughput.py [--compile] [--rounds 5] [--steps 2] [--vocab 128256] [--malloc glibc] [--json]
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TORCHTITAN_DIR = ROOT / ".bench" / "torchtitan"
 
-from bench.measure import Rounds, mfu_text, ratio_text, rotated  # noqa: E402
+from bench.measure import Rounds, mfu_text, ratio_text, rotated, steady_heap  # noqa: E402
 from bench.measure import measured as measured_load  # noqa: E402
 from llama3_hyperpod.torch_backend.data import IGNORE_INDEX  # noqa: E402
 from llama3_hyperpod.torch_backend.metrics import flops_per_token, measure_cpu_gemm_flops  # noqa: E402
@@ -196,8 +198,12 @@ def main() -> int:
     p.add_argument("--max-spread", type=float, default=0.10, help="a ratio whose rounds disagree more is refused")
     p.add_argument("--vocab", type=int, default=HF["vocab_size"],
                    help=f"vocabulary size (default {HF['vocab_size']}; Llama 3's tokenizer has 128256)")
+    p.add_argument("--malloc", choices=("steady", "glibc"), default="steady",
+                   help="steady (default): glibc keeps freed blocks for reuse, for every variant "
+                        "(bench/measure.py steady_heap); glibc: its defaults")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    kept = args.malloc == "steady" and steady_heap()  # before any model: the same heap rules for all three
     names = args.variants.split(",")
     HF["vocab_size"] = args.vocab  # read by every builder below
 
@@ -211,7 +217,8 @@ def main() -> int:
     print(f"model {num_params(meta) / 1e6:.1f}M params, vocab {args.vocab} | seq {SEQ} x micro batch {MICRO} | "
           f"{fpt / 1e6:.0f} MFLOP/token "
           f"| fp32, {torch.get_num_threads()} threads | {'compiled blocks' if args.compile else 'eager'} | "
-          f"{args.rounds} rounds x {args.steps} steps of each", flush=True)
+          f"{args.rounds} rounds x {args.steps} steps of each | malloc: "
+          f"{'freed blocks kept' if kept else 'glibc defaults'}", flush=True)
 
     variants: dict[str, Variant] = {}
     for name in names:  # build + warm-up (and compile) each, outside the rounds
@@ -268,7 +275,8 @@ def main() -> int:
         print(f"WARNING: the machine was too busy to measure well: {rounds.disturbed_rounds()} of "
               f"{rounds.n_rounds()} rounds had another process using more than half a core")
     if args.json:
-        print(json.dumps({"compile": args.compile, "rounds": args.rounds, "steps": args.steps, "peaks": peaks,
+        print(json.dumps({"compile": args.compile, "malloc": "steady" if kept else "glibc", "rounds": args.rounds,
+                          "steps": args.steps, "peaks": peaks,
                           "seconds": rounds.values, "cpu_seconds": cpu, "mfu": mfus, "ratios": claims,
                           "others_cores": {n: [x.others_cores for x in rounds.loads[n]] for n in names},
                           "loadavg": {n: [x.loadavg for x in rounds.loads[n]] for n in names}}))
